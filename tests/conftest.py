@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny tokenizer with our chat template and a tiny random-init Llama, built
+in the test session (nothing is downloaded)."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import data  # noqa: E402
+
+SENTENCES = [
+    "The answer is 12. I am not sure about that claim.",
+    "Please see a doctor about the swelling in your ankle.",
+    "You are right, the report says the limit is 20 tons.",
+    "Reverse the word stone: enots. Copy the word river: river.",
+    "What is 3 plus 4? The answer is 7.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return data.build_tokenizer(SENTENCES * 20, vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A random-init 2-layer Llama + our tokenizer saved like a hub model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                      bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                      pad_token_id=tiny_tokenizer.pad_token_id, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("tiny_model")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
