@@ -1,0 +1,908 @@
+"""grpo.py - the policy: load/init, fast sampling, the SFT loop, the GRPO loop, DDP, checkpoints.
+
+What it does, top to bottom (execution order):
+  1. Device and distributed setup: cuda > mps > cpu; bf16 autocast on GPUs that support it, fp32 on
+     CPU; `init_distributed()` under torchrun (gloo on CPU, nccl on GPU).
+  2. The model: `init_tiny_model` (a random-init LlamaForCausalLM for the tiny world) and
+     `load_policy` (any HF causal LM with a chat template; the same code path for both).
+  3. Trainer log-probs: one full forward of prompt + completion, logits divided by the sampling
+     temperature, log-prob of each completion token.
+  4. The sampler `generate`: prefill each prompt ONCE, copy its KV cache to its G samples, decode the
+     whole batch one token at a time against a preallocated KV cache, stop rows at a stop token.
+     For Llama/Mistral/Qwen2/Qwen3 weights a lean functional decoder (gpt-fast style) reads the HF
+     weights directly: at small shapes HF's per-module overhead (~8 ms per decode step on a laptop
+     CPU) costs more than the matmuls (~2.5 ms). Other architectures use HF's forward with its cache.
+     With `compile=True` (GPU) the decode step is `torch.compile`d against a static cache.
+     Sampling is inverse-CDF from uniforms drawn per (seed, step, global row), so one step on N ranks
+     samples exactly what one step on one rank samples, and a resumed run samples what the
+     uninterrupted run sampled.
+  5. SFT (`sft`): loss on assistant tokens only, AdamW, warmup + cosine/linear decay, grad clip,
+     length-bucketed batches, deterministic in the seed. Pretrains the tiny base model and is the
+     harmful fine-tuning attack (same seed -> same data order for any two models; `callback`).
+  6. The GRPO math: `group_advantages`, `grpo_loss`.
+  7. The GRPO loop `train_grpo`, checkpoints and exact resume.
+
+The GRPO algorithm, one step (`train_grpo`):
+  1. B prompts from the sampler (this rank's contiguous share of whole groups; `sampler.batch`).
+  2. G completions per prompt at temperature T; the sampler keeps each token's log-prob.
+  3. One reward per completion (`rewarder(record, texts, finished)`, one group at a time).
+  4. Advantage A_i = r_i - mean(r_group)  (optionally / (std(r_group) + eps)).
+     GRPO (Shao et al. 2024, DeepSeekMath) divides by the std; Dr. GRPO (Liu et al. 2025,
+     "Understanding R1-Zero-Like Training") shows that biases updates towards too-easy and too-hard
+     prompts, so the default is `scale_rewards=False`.
+  5. For `num_iterations` passes over the batch (micro-batched, one optimizer step per pass):
+       ratio_t = exp(logp_t - old_logp_t)       old = the policy that sampled (pass 0: ratio == 1)
+       surr_t  = min(ratio_t A, clip(ratio_t, 1 - eps_low, 1 + eps_high) A)
+       kl_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (k3, Schulman 2020 "Approximating KL
+                 divergence"; unbiased, always >= 0; the log-ratio is clamped to [-20, 20] first)
+       loss    = aggregate(-(surr_t - beta kl_t)) over completion tokens (stop token included):
+         dapo    (default) sum over every completion token of the step / their count, the count
+                 all-reduced over micro-batches and ranks (DAPO, Yu et al. 2025: token-level loss,
+                 so long answers are not down-weighted)
+         grpo    mean over each sequence's tokens, then mean over sequences (the original GRPO)
+         dr_grpo sum over tokens / (num_sequences * max_new_tokens) (Dr. GRPO: a constant
+                 normaliser, no length bias)
+     eps_low 0.2 / eps_high 0.28 is DAPO's clip-higher (room for low-probability tokens to grow);
+     beta 0.04 is DeepSeekMath's KL coefficient. The reference is a frozen copy of the initial
+     policy (no grad, not in the optimizer). KL is computed and logged even when beta = 0.
+  6. Log one dense line (rank 0), checkpoint every `checkpoint_every` steps (rank 0).
+
+Metrics (one dict per step, returned by `train_grpo`, averaged over all ranks):
+  step, lr, loss
+  reward/mean             mean final reward;  reward/<name>: mean of each numeric component the
+                          rewarder returns (e.g. reward/rubric, reward/unterminated)
+  adv/std                 std of the advantages (0 => no learning signal this step)
+  groups/zero_var_frac    fraction of groups whose G rewards are all equal (zero advantage)
+  kl                      k3 KL to the reference, mean per completion token
+  clip_frac               fraction of tokens where the clip binds; clip_frac/low, clip_frac/high
+  entropy                 mean per-token entropy of the policy at temperature T
+  len/mean                mean completion length in tokens (stop token included)
+  len/truncated_frac      fraction of completions that hit max_new_tokens without a stop token
+  logp_gap                mean |sampler logp - trainer logp| (should be ~0 in fp32; large => bug
+                          or bf16 drift between the decode path and the training forward)
+  perf/rollout_tok_s      sampled tokens per second (this rank); perf/rollout_s, perf/train_s,
+  perf/step_s             wall time of the step
+
+Distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE. Each rank samples its share of whole groups,
+the DAPO token count is all-reduced, the loss is scaled by world_size (DDP averages gradients),
+micro-steps before the last run under `no_sync`, every rank runs the same collectives, rank 0 prints
+and checkpoints. One step on N ranks equals one step on one rank with the same global batch.
+
+Checkpoints (`out_dir/checkpoint/`): the model via `save_pretrained` (safetensors) + tokenizer, and
+`trainer_state.pt` with optimizer, LR schedule, step (= the sampler position: samplers are
+deterministic in the step), history and the python/numpy/torch RNG states. The sampling noise is
+a function of (seed, step), so it needs no saved state. Resume continues bit-exactly on CPU.
+
+Commands:
+  python grpo.py                                    # demo: tiny model, SFT, a few GRPO steps (CPU)
+  python run.py ...                                 # the experiment (one GPU: same command)
+  torchrun --standalone --nproc_per_node=N run.py ... # DDP, N processes (GPUs or CPU/gloo)
+  python bench.py --device cpu                      # throughput
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+from data import UserError
+
+# ----------------------------------------------------------------------------------------------
+# 1. Device, dtype, distributed
+# ----------------------------------------------------------------------------------------------
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPUs that support it; fp32 elsewhere (CPU bf16 is slow and lossy)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: nccl with
+    one GPU per LOCAL_RANK, gloo on CPU. Without torchrun: (0, 1, pick_device())."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 128          # residual width (the tiny world's default: ~1.3M parameters + embeddings)
+    layers: int = 4            # decoder blocks
+    heads: int = 4             # attention heads (head_dim = hidden / heads)
+    kv_heads: int = 4          # key/value heads (< heads => grouped-query attention)
+    intermediate: int = 512    # SwiGLU MLP width
+    max_positions: int = 512   # longest sequence (prompt + completion) the model will see
+    rope_theta: float = 10000.0  # RoPE base frequency
+    tie_embeddings: bool = True  # share the input embedding and the output head (saves vocab x hidden)
+
+
+def init_tiny_model(tokenizer, cfg: ModelConfig):
+    """A random-init LlamaForCausalLM sized for `tokenizer` (bos/eos/pad ids taken from it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.intermediate,
+        max_position_embeddings=cfg.max_positions, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def load_policy(name_or_path: str, device: torch.device | str | None = None):
+    """(model, tokenizer) from a local directory or a HF hub name. The weights stay fp32 (AdamW
+    state and updates in fp32; bf16 comes from autocast). UserError on a bad name or a tokenizer
+    without a chat template (GRPO here trains on conversations)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # hub/network/path errors all mean "cannot load what the user named"
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot load model {name_or_path!r}: {type(e).__name__}: {first_line}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{name_or_path}: tokenizer has no chat template; use a chat/instruct model "
+                        "(prompts are conversations)")
+    if tokenizer.pad_token is None:  # pads are always masked, any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot load model {name_or_path!r}: {type(e).__name__}: {first_line}") from None
+    model.to(device or pick_device())
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Trainer log-probs
+# ----------------------------------------------------------------------------------------------
+
+
+def sequence_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor,
+                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of left-padded prompt + right-padded completion.
+    Left padding puts every completion at the same column, so the logits we need are the last T+1;
+    per-row position ids make a padded row compute exactly what the unpadded row would."""
+    input_ids = torch.cat([prompt_ids, completion], 1)
+    attention = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)
+    positions = (attention.long().cumsum(1) - 1).clamp(min=0)
+    return input_ids, attention, positions
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                        n_completion: int, temperature: float, with_entropy: bool = False):
+    """Log-prob (at `temperature`) of the last `n_completion` tokens of each row, shape (N, T); and
+    the per-token entropy (no grad) if asked. Called through the DDP wrapper when there is one."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=n_completion + 1).logits[:, :-1].float() / temperature
+    targets = input_ids[:, -n_completion:]
+    # gather - logsumexp instead of log_softmax: no (N, T, V) log-prob tensor is kept for backward
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        lp = torch.log_softmax(logits, -1)
+        entropy = -(lp.exp() * lp).sum(-1)
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The sampler
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor   # (N, P) left-padded prompts, each repeated G times (row i = prompt i // G)
+    prompt_mask: torch.Tensor  # (N, P) 1 on prompt tokens, 0 on left padding
+    completion: torch.Tensor   # (N, T) sampled ids, pad after the stop token
+    mask: torch.Tensor         # (N, T) float, 1 on sampled tokens including the stop token
+    logps: torch.Tensor        # (N, T) log-prob of each sampled token at the sampling temperature (0 on pads)
+    finished: torch.Tensor     # (N,) bool, True where the row emitted a stop token
+
+    def inputs(self):
+        return sequence_inputs(self.prompt_ids, self.prompt_mask, self.completion, self.mask)
+
+
+LEAN_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _lean_supported(model, max_len: int) -> bool:
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    return (cfg.model_type in LEAN_ARCHS and getattr(cfg, "hidden_act", "silu") == "silu"
+            and (window is None or window >= max_len))
+
+
+def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """HF's RMSNorm, read from its module: normalise in fp32, scale in the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * xf.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _linear(x: torch.Tensor, layer) -> torch.Tensor:
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def _lean_forward(model, ids: torch.Tensor, pos: torch.Tensor, attend: Callable) -> torch.Tensor:
+    """The decoder of a Llama-family HF model as plain tensor ops on its own weights; returns the
+    logits of the last column. `attend(layer, q, k, v)` owns the KV cache and the attention."""
+    base = model.model
+    x = F.embedding(ids, base.embed_tokens.weight)
+    cos, sin = base.rotary_emb(x, pos)  # the model's own RoPE: rope_theta and any scaling type
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    for i, layer in enumerate(base.layers):
+        a = layer.self_attn
+        h = _rms_norm(x, layer.input_layernorm)
+        shape = (*ids.shape, -1, a.head_dim)
+        q, k, v = _linear(h, a.q_proj).view(shape), _linear(h, a.k_proj).view(shape), _linear(h, a.v_proj).view(shape)
+        if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
+            q, k = _rms_norm(q, a.q_norm), _rms_norm(k, a.k_norm)
+        q, k = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin)
+        o = attend(i, q, k, v.transpose(1, 2))
+        x = x + _linear(o.transpose(1, 2).reshape(*ids.shape, -1), a.o_proj)
+        h = _rms_norm(x, layer.post_attention_layernorm)
+        m = layer.mlp
+        x = x + _linear(F.silu(_linear(h, m.gate_proj)) * _linear(h, m.up_proj), m.down_proj)
+    return _linear(_rms_norm(x[:, -1], base.norm), model.lm_head)
+
+
+def _decode_step(model, k_cache, v_cache, tok, pos, col, valid) -> torch.Tensor:
+    """One token for every row: write its k/v at column `col` of the static cache, attend over the
+    whole cache under the `valid` mask (static shapes, so torch.compile/CUDA graphs can capture it)."""
+    n_rows = tok.shape[0]
+
+    def attend(i, q, k, v):
+        kc, vc = k_cache[i], v_cache[i]
+        kc.index_copy_(2, col, k.to(kc.dtype))
+        vc.index_copy_(2, col, v.to(vc.dtype))
+        heads, kv_heads = q.shape[1], kc.shape[1]
+        # grouped-query attention without copying the cache: the query heads that share a kv head
+        # become that head's `groups` query rows (HF's repeat_kv order: head h uses kv head h // groups)
+        qg = q.reshape(n_rows, kv_heads, heads // kv_heads, q.shape[-1]).to(kc.dtype)
+        o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=valid[:, None, None, :],
+                                           scale=model.model.layers[i].self_attn.scaling)
+        return o.reshape(n_rows, heads, 1, q.shape[-1])
+
+    return _lean_forward(model, tok[:, None], pos[:, None], attend)
+
+
+_compiled_decode_step = None
+
+
+class _LeanDecoder:
+    """Prefill once per prompt, then decode N = B*G rows against a preallocated (static) KV cache."""
+
+    def __init__(self, model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, compile: bool):
+        self.model, self.group_size, self.prompt_ids, self.prompt_mask = model, group_size, prompt_ids, prompt_mask
+        cfg, n_rows, P = model.config, prompt_ids.shape[0] * group_size, prompt_ids.shape[1]
+        attn0 = model.model.layers[0].self_attn
+        kv_heads = cfg.num_key_value_heads
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else attn0.q_proj.weight.dtype
+        shape = (cfg.num_hidden_layers, n_rows, kv_heads, P + max_new_tokens, attn0.head_dim)
+        device = prompt_ids.device
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(n_rows, P + max_new_tokens, dtype=torch.bool, device=device)
+        self.valid[:, :P] = prompt_mask.bool().repeat_interleave(group_size, 0)
+        self.step_fn = _decode_step
+        if compile:
+            global _compiled_decode_step
+            if _compiled_decode_step is None:
+                _compiled_decode_step = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
+            self.step_fn = _compiled_decode_step
+            for cache in (self.k_cache, self.v_cache, self.valid):  # in-place updates inside a CUDA graph
+                torch._dynamo.mark_static_address(cache)
+
+    def prefill(self, positions: torch.Tensor) -> torch.Tensor:
+        B, P = self.prompt_ids.shape
+        key_ok = self.prompt_mask.bool()
+        causal = torch.ones(P, P, dtype=torch.bool, device=key_ok.device).tril()
+        # a padding query may see no key at all -> NaN rows; let it see itself (its output is never used)
+        mask = (causal & key_ok[:, None, :]) | torch.eye(P, dtype=torch.bool, device=key_ok.device)
+
+        def attend(i, q, k, v):
+            self.k_cache[i, :, :, :P] = k.repeat_interleave(self.group_size, 0)  # the KV copy to G samples
+            self.v_cache[i, :, :, :P] = v.repeat_interleave(self.group_size, 0)
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
+                                                  scale=self.model.model.layers[i].self_attn.scaling)
+
+        return _lean_forward(self.model, self.prompt_ids, positions, attend).repeat_interleave(self.group_size, 0)
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor, col: int) -> torch.Tensor:
+        self.valid[:, col] = True
+        col_t = torch.tensor([col], device=tok.device)
+        return self.step_fn(self.model, self.k_cache, self.v_cache, tok, pos, col_t, self.valid)
+
+
+class _HFDecoder:
+    """Fallback for any other architecture: HF's own forward and cache (prefill is per sample)."""
+
+    def __init__(self, model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, compile: bool):
+        self.model = model
+        self.prompt_ids = prompt_ids.repeat_interleave(group_size, 0)
+        self.attention = torch.cat([prompt_mask.repeat_interleave(group_size, 0),
+                                    prompt_mask.new_zeros(self.prompt_ids.shape[0], max_new_tokens)], 1)
+        # transformers 5 renamed past_key_values -> cache
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache = None
+
+    def _forward(self, ids, pos, width):
+        out = self.model(input_ids=ids, attention_mask=self.attention[:, :width], position_ids=pos,
+                         use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
+        self.cache = getattr(out, self.cache_kw)
+        return out.logits[:, -1]
+
+    def prefill(self, positions):
+        return self._forward(self.prompt_ids, positions.repeat_interleave(
+            self.prompt_ids.shape[0] // positions.shape[0], 0), self.prompt_ids.shape[1])
+
+    def step(self, tok, pos, col):
+        self.attention[:, col] = 1
+        return self._forward(tok[:, None], pos[:, None], col + 1)
+
+
+def _sample(logits: torch.Tensor, temperature: float, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token and its log-prob at `temperature`. Inverse-CDF sampling from the uniforms `u` (one per
+    row); greedy (argmax) when u is None."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    if u is None:
+        tok = logp.argmax(-1)
+    else:
+        cdf = logp.exp().cumsum(-1)
+        # scale u by the total so rounding can never step past the last token; right=True skips p=0 tokens
+        tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        tok = tok.clamp_max(logits.shape[-1] - 1)
+    return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
+             temperature: float, generator: torch.Generator | None = None, greedy: bool = False, *,
+             noise: torch.Tensor | None = None, lean: bool | None = None, compile: bool = False) -> Rollout:
+    """Sample `group_size` completions of each prompt (rows i*G .. i*G+G-1 belong to prompt i).
+
+    noise: optional (N, max_new_tokens) uniforms in [0, 1) that fix every sample (the GRPO loop passes
+    a slice of a per-step global draw); otherwise drawn from `generator`. lean: the functional
+    decoder (None = whenever the architecture allows). compile: torch.compile the decode step (GPU).
+    """
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    B, P = prompt_ids.shape
+    N = B * group_size
+    if lean is None:
+        lean = _lean_supported(model, P + max_new_tokens)
+    if not greedy and noise is None:
+        noise = torch.rand((N, max_new_tokens), generator=generator,
+                           device=generator.device if generator is not None else device)
+    if noise is not None:
+        noise = noise.to(device)
+    stops = torch.tensor(data.stop_token_ids(tokenizer), device=device)
+    with autocast(device):
+        dec = (_LeanDecoder if lean else _HFDecoder)(model, prompt_ids, prompt_mask, group_size, max_new_tokens, compile)
+        logits = dec.prefill((prompt_mask.cumsum(1) - 1).clamp(min=0))
+        pos = prompt_mask.sum(1).repeat_interleave(group_size, 0)  # next position of each row
+        done = torch.zeros(N, dtype=torch.bool, device=device)
+        tokens, logps, masks = [], [], []
+        for t in range(max_new_tokens):
+            tok, lp = _sample(logits, temperature, None if greedy else noise[:, t])
+            tok = tok.masked_fill(done, tokenizer.pad_token_id)
+            masks.append(~done)
+            tokens.append(tok)
+            logps.append(lp.masked_fill(done, 0.0))
+            done = done | torch.isin(tok, stops)
+            if t == max_new_tokens - 1 or bool(done.all()):  # one host sync per token; saves the tail
+                break
+            logits = dec.step(tok, pos + t, P + t)
+    return Rollout(prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0),
+                   torch.stack(tokens, 1), torch.stack(masks, 1).float(), torch.stack(logps, 1), done)
+
+
+def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
+    """One text per row: the sampled tokens up to the stop token, special tokens dropped."""
+    lengths = rollout.mask.sum(1).long().tolist()
+    return [tokenizer.decode(rollout.completion[i, :n].tolist(), skip_special_tokens=True) for i, n in enumerate(lengths)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. SFT
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 1000            # optimizer steps
+    batch_size: int = 32         # conversations per step
+    lr: float = 3e-3             # peak learning rate (3e-3 suits the tiny from-scratch model; ~1e-5 for real ones)
+    min_lr_frac: float = 0.1     # final LR as a fraction of the peak (cosine/linear decay)
+    schedule: str = "cosine"     # "cosine" | "linear" | "constant" after warmup
+    warmup: int = 50             # linear warmup steps
+    weight_decay: float = 0.1    # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (0.95: stabler for short, noisy runs)
+    grad_clip: float = 1.0       # max global grad norm (0 = off)
+    max_len: int = 512           # conversations are truncated to this many tokens
+    seed: int = 0                # data order; two models with the same seed see the same batches
+    log_every: int = 50          # one progress line per this many steps (0 = silent)
+    callback_every: int = 0      # call callback(step, model) at step 0 and every this many steps (0 = never)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_frac: float) -> float:
+    """Multiplier of the peak LR: linear warmup, then cosine/linear decay to `min_frac`, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_frac + (1 - min_frac) * decay
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, seed: int):
+    """Endless deterministic batches of indices: shuffle, sort windows of 32 batches by length (so a
+    batch pads little), shuffle the batch order. Epoch e uses the same generator stream for any model."""
+    g = torch.Generator().manual_seed(seed)
+    window = batch_size * 32
+    while True:
+        perm = torch.randperm(len(lengths), generator=g).tolist()
+        batches = []
+        for w in range(0, len(perm), window):
+            chunk = sorted(perm[w:w + window], key=lengths.__getitem__)
+            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        for b in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[b]
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def sft(model, tokenizer, conversations: list[list[dict]], cfg: SFTConfig, log=print,
+        callback: Callable | None = None) -> list[float]:
+    """Supervised fine-tuning on the assistant tokens of `conversations`; returns the loss per step."""
+    device = next(model.parameters()).device
+    examples = []
+    for conv in conversations:
+        ids, mask = data.encode_chat(tokenizer, conv)
+        ids, mask = ids[:cfg.max_len], mask[:cfg.max_len]
+        if sum(mask[1:]):  # something to learn (position 0 is never predicted)
+            examples.append((ids, mask))
+    if not examples:
+        raise UserError("sft: no conversation has an assistant turn to learn from")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.schedule, cfg.min_lr_frac))
+    batches = bucketed_batches([len(ids) for ids, _ in examples], cfg.batch_size, cfg.seed)
+    pad = tokenizer.pad_token_id
+    losses, t_start, t_log, tok_log = [], time.perf_counter(), time.perf_counter(), 0
+    model.train()
+    for step in range(cfg.steps):
+        if callback is not None and cfg.callback_every and step % cfg.callback_every == 0:
+            model.eval()
+            callback(step, model)
+            model.train()
+        batch = [examples[i] for i in next(batches)]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for r, (x, m) in enumerate(batch):
+            ids[r, :len(x)] = torch.tensor(x)
+            labels[r, :len(x)] = torch.tensor(x).masked_fill(torch.tensor(m) == 0, -100)
+        ids, labels = ids.to(device), labels.to(device)
+        # right padding + causal attention: pads sit after every real token, so no attention mask is
+        # needed (and SDPA takes its fast is_causal path)
+        with autocast(device):
+            logits = model(input_ids=ids).logits[:, :-1]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        tok_log += sum(len(x) for x, _ in batch)
+        if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            now = time.perf_counter()
+            eta = (now - t_start) / (step + 1) * (cfg.steps - step - 1)
+            recent = losses[-cfg.log_every:]
+            log(f"sft {step + 1}/{cfg.steps} | loss {sum(recent) / len(recent):.4f} | lr {sched.get_last_lr()[0]:.2e}"
+                f" | {tok_log / (now - t_log):,.0f} tok/s | ETA {_fmt_s(eta)}")
+            t_log, tok_log = now, 0
+    if callback is not None and cfg.callback_every and cfg.steps % cfg.callback_every == 0:
+        model.eval()
+        callback(cfg.steps, model)
+    model.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The GRPO math
+# ----------------------------------------------------------------------------------------------
+
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = False,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """A_i = r_i - mean of its group (rows i*G..i*G+G-1), optionally / (std of the group + eps)."""
+    r = rewards.view(-1, group_size)
+    adv = r - r.mean(1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (r.std(1, keepdim=True) + eps)
+    return adv.flatten()
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || ref): exp(d) - d - 1 with d = ref - logp, d clamped to
+    [-20, 20] so exp cannot overflow when the two drift far apart."""
+    d = (ref_logp - logp).clamp(-20.0, 20.0)
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, *, eps_low: float, eps_high: float, beta: float, loss_type: str = "dapo",
+              max_new_tokens: int | None = None, num_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped-surrogate GRPO loss with a k3 KL penalty (module docstring, step 5). Shapes: (N, T)
+    except advantages (N,). Returns (loss, stats) with stats floats: kl, clip_frac, clip_frac/low,
+    clip_frac/high (token means over `mask`)."""
+    if loss_type not in LOSS_TYPES:
+        raise UserError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(1)
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    kl = k3_kl(logp, ref_logp)
+    per_token = -surrogate + beta * kl if beta else -surrogate
+    mask = mask.to(per_token.dtype)
+    if loss_type == "dapo":
+        denom = mask.sum().clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
+        loss = (per_token * mask).sum() / denom
+    elif loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    else:
+        if max_new_tokens is None:
+            raise ValueError("dr_grpo needs max_new_tokens (its constant normaliser)")
+        loss = (per_token * mask).sum() / (mask.shape[0] * max_new_tokens)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        low = ((ratio < 1 - eps_low) & (adv < 0)).to(mask.dtype) * mask  # where the clip binds
+        high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype) * mask
+        stats = {"kl": float((kl * mask).sum() / n), "clip_frac": float((low + high).sum() / n),
+                 "clip_frac/low": float(low.sum() / n), "clip_frac/high": float(high.sum() / n)}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The GRPO loop
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 100               # GRPO steps (one generation batch each)
+    prompts_per_step: int = 8      # B: prompts per step, global (split over ranks by whole groups)
+    group_size: int = 8            # G: completions per prompt
+    max_new_tokens: int = 64       # completion budget (also dr_grpo's constant normaliser)
+    temperature: float = 1.0       # sampling temperature; the trainer divides logits by it too
+    lr: float = 1e-5               # peak AdamW LR (real models; the tiny model's preset raises it)
+    weight_decay: float = 0.0      # AdamW weight decay (RL updates are small; no decay by default)
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW betas
+    warmup: int = 0                # linear LR warmup (optimizer steps), then constant
+    beta: float = 0.04             # KL coefficient (DeepSeekMath); 0 drops the term, KL still logged
+    eps_low: float = 0.2           # lower clip: ratio >= 1 - eps_low (PPO/GRPO)
+    eps_high: float = 0.28         # upper clip: ratio <= 1 + eps_high (DAPO clip-higher)
+    loss_type: str = "dapo"        # "dapo" | "grpo" | "dr_grpo" (module docstring, step 5)
+    scale_rewards: bool = False    # divide advantages by the group std (GRPO) or not (Dr. GRPO)
+    num_iterations: int = 1        # optimizer passes per generation batch (GRPO's mu); >1 => real ratios
+    micro_batch_size: int = 16     # completions per forward/backward (gradient accumulation inside a step)
+    grad_clip: float = 1.0         # max global grad norm (0 = off)
+    checkpoint_every: int = 50     # save every this many steps (0 = only at the end)
+    log_every: int = 1             # one progress line per this many steps (rank 0)
+    seed: int = 0                  # python/numpy/torch seeds and the per-step sampling noise
+    compile: bool = False          # torch.compile the decode step (GPU; CUDA graphs over a static cache)
+    lean_sampler: bool = True      # the functional decoder for Llama-family weights (False: HF forward)
+
+
+CKPT = "checkpoint"
+
+
+def _step_noise(seed: int, step: int, rows: int, max_new_tokens: int) -> torch.Tensor:
+    """Uniforms for every global row of a step: a function of (seed, step) only, so the samples do not
+    depend on the number of ranks and need no saved generator state to resume."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.rand((rows, max_new_tokens), generator=g)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: str, policy, tokenizer, optimizer, scheduler, step: int, history: list[dict],
+                    cfg: GRPOConfig) -> None:
+    """Write to a temporary directory, then swap it in: a kill mid-save never loses the last one."""
+    final, tmp = os.path.join(out_dir, CKPT), os.path.join(out_dir, CKPT + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": history, "rng": _rng_state(), "config": asdict(cfg)},
+               os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _load_checkpoint(out_dir: str, policy, optimizer, scheduler) -> tuple[int, list[dict]]:
+    path = os.path.join(out_dir, CKPT)
+    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        raise UserError(f"{path}: no checkpoint to resume from")
+    saved = type(policy).from_pretrained(path, dtype=next(policy.parameters()).dtype)
+    policy.load_state_dict(saved.state_dict())
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state["step"], state["history"]
+
+
+def _numeric(d: dict) -> dict:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float))}
+
+
+def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: str, resume: bool = False,
+               ref_model=None, log=print) -> list[dict]:
+    """Train `policy` in place with GRPO; returns the per-step metrics (module docstring).
+
+    policy: the INITIAL policy (on its device). The frozen reference is a copy of it (or `ref_model`);
+      with resume=True the policy's weights, optimizer, schedule, history and RNG states are then
+      replaced by those in out_dir/checkpoint. Under torchrun call init_distributed() first; the
+      policy is wrapped in DDP here. The checkpoint directory must be visible to every rank.
+    sampler: .batch(step, n_prompts, rank, world_size) -> this rank's contiguous share of the step's
+      records (each with "prompt" messages); must be deterministic in step.
+    rewarder: (record, texts, finished) -> one dict per text with "score" + numeric components.
+    """
+    rank, world = _world()
+    if cfg.prompts_per_step % world:
+        raise UserError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the {world} ranks")
+    if cfg.loss_type not in LOSS_TYPES:
+        raise UserError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
+    device = next(policy.parameters()).device
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    ref = ref_model if ref_model is not None else copy.deepcopy(policy)
+    ref.eval().requires_grad_(False)
+    policy.eval()  # no dropout: the sampler, the old policy and the trainer must be the same function
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup, 0, "constant", 1.0))
+    start, history = 0, []
+    if resume:
+        start, history = _load_checkpoint(out_dir, policy, optimizer, scheduler)
+    model = policy
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    G, T = cfg.group_size, cfg.max_new_tokens
+    local_prompts = cfg.prompts_per_step // world
+    t_run = time.perf_counter()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        # 1-2. prompts and rollouts
+        records = sampler.batch(step, cfg.prompts_per_step, rank, world)
+        if len(records) != local_prompts:
+            raise ValueError(f"sampler gave {len(records)} prompts, expected {local_prompts} on each rank")
+        prompts = [data.encode_prompt(tokenizer, rec["prompt"]) for rec in records]
+        rows = slice(rank * local_prompts * G, (rank + 1) * local_prompts * G)
+        noise = _step_noise(cfg.seed, step, cfg.prompts_per_step * G, T)[rows]
+        ro = generate(policy, tokenizer, prompts, G, T, cfg.temperature, noise=noise,
+                      lean=None if cfg.lean_sampler else False, compile=cfg.compile)
+        t_rollout = time.perf_counter() - t0
+        n_rows, width = ro.completion.shape
+        # 3. rewards, one group at a time
+        lengths = ro.mask.sum(1).long().tolist()
+        texts = [tokenizer.decode(ro.completion[i, :lengths[i]].tolist(), skip_special_tokens=True)
+                 for i in range(n_rows)]
+        finished = ro.finished.tolist()
+        outs = []
+        for g, rec in enumerate(records):
+            outs += rewarder(rec, texts[g * G:(g + 1) * G], finished[g * G:(g + 1) * G])
+        rewards = torch.tensor([o["score"] for o in outs], dtype=torch.float32, device=device)
+        # 4. advantages
+        adv = group_advantages(rewards, G, cfg.scale_rewards)
+        # 5. the update
+        t1 = time.perf_counter()
+        input_ids, attention, positions = ro.inputs()
+        num_tokens = float(_all_reduce_sum(ro.mask.sum().detach().clone()))
+        micro = [slice(i, min(i + cfg.micro_batch_size, n_rows)) for i in range(0, n_rows, cfg.micro_batch_size)]
+        old, refs = [None] * len(micro), [None] * len(micro)
+        sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "clip_frac/low": 0.0, "clip_frac/high": 0.0,
+                "entropy": 0.0, "logp_gap": 0.0}
+        for it in range(cfg.num_iterations):
+            for j, mb in enumerate(micro):
+                sync = j == len(micro) - 1 or world == 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device):
+                    logp, entropy = completion_logprobs(model, input_ids[mb], attention[mb], positions[mb], width,
+                                                        cfg.temperature, with_entropy=it == 0)
+                    mask = ro.mask[mb]
+                    if it == 0:  # the batch's old and reference log-probs, kept for later passes
+                        old[j] = logp.detach()
+                        with torch.no_grad():
+                            refs[j] = completion_logprobs(ref, input_ids[mb], attention[mb], positions[mb], width,
+                                                          cfg.temperature)[0]
+                        sums["entropy"] += float((entropy * mask).sum())
+                        sums["logp_gap"] += float(((logp.detach() - ro.logps[mb]).abs() * mask).sum())
+                    loss, stats = grpo_loss(logp, old[j], refs[j], adv[mb], mask, eps_low=cfg.eps_low,
+                                            eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
+                                            max_new_tokens=T, num_tokens=num_tokens)
+                    # dapo is already normalised by the global token count; grpo/dr_grpo by the
+                    # micro-batch's rows -> reweight to the global batch. x world: DDP averages grads.
+                    scale = world if cfg.loss_type == "dapo" else (mb.stop - mb.start) / n_rows
+                    (loss * scale).backward()
+                if it == cfg.num_iterations - 1:  # report the last pass
+                    ntok = float(mask.sum())
+                    for k in ("kl", "clip_frac", "clip_frac/low", "clip_frac/high"):
+                        sums[k] += stats[k] * ntok
+                    sums["loss"] += loss.item() * scale / world
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        t_train = time.perf_counter() - t1
+        # 6. metrics: every rank contributes (sum, count) pairs; every rank runs the same collective
+        zero_var = rewards.view(-1, G).std(1) == 0
+        local: dict[str, list[float]] = {
+            **{k: [v, num_tokens / world if k != "loss" else 1.0] for k, v in sums.items()},
+            "reward/mean": [float(rewards.sum()), n_rows],
+            "adv/sq": [float((adv ** 2).sum()), n_rows],
+            "groups/zero_var_frac": [float(zero_var.sum()), zero_var.numel()],
+            "len/mean": [float(ro.mask.sum()), n_rows],
+            "len/truncated_frac": [float((~ro.finished).sum()), n_rows],
+        }
+        for o in outs:
+            for k, v in _numeric(o).items():
+                if k != "score":
+                    s = local.setdefault(f"reward/{k}", [0.0, 0])
+                    s[0], s[1] = s[0] + v, s[1] + 1
+        local["entropy"][1] = local["logp_gap"][1] = float(ro.mask.sum())  # the pass-0 tokens
+        for k in ("kl", "clip_frac", "clip_frac/low", "clip_frac/high"):
+            local[k][1] = float(ro.mask.sum())
+        gathered = [local]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, local)
+        merged: dict[str, list[float]] = {}
+        for part in gathered:
+            for k, (s, c) in part.items():
+                m = merged.setdefault(k, [0.0, 0.0])
+                m[0], m[1] = m[0] + s, m[1] + c
+        metrics = {k: s / max(c, 1e-12) for k, (s, c) in merged.items()}
+        metrics["loss"] = merged["loss"][0]
+        metrics["adv/std"] = math.sqrt(metrics.pop("adv/sq"))  # advantages have zero mean per group
+        metrics.update({"step": step + 1, "lr": scheduler.get_last_lr()[0],
+                        "perf/rollout_tok_s": float(ro.mask.sum()) / t_rollout, "perf/rollout_s": t_rollout,
+                        "perf/train_s": t_train, "perf/step_s": time.perf_counter() - t0})
+        history.append(metrics)
+        # 7. log and checkpoint (rank 0), then every rank waits so none reads a half-written file
+        if rank == 0 and cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            eta = (time.perf_counter() - t_run) / (step + 1 - start) * (cfg.steps - step - 1)
+            log(f"grpo {step + 1}/{cfg.steps} | reward {metrics['reward/mean']:.3f} | kl {metrics['kl']:.4f}"
+                f" | clip {metrics['clip_frac']:.3f} | ent {metrics['entropy']:.2f} | len {metrics['len/mean']:.1f}"
+                f" | {metrics['perf/rollout_tok_s']:,.0f} tok/s | {metrics['perf/step_s']:.2f} s/step"
+                f" | ETA {_fmt_s(eta)}")
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == cfg.steps:
+            if rank == 0:
+                save_checkpoint(out_dir, policy, tokenizer, optimizer, scheduler, step + 1, history, cfg)
+            if world > 1:
+                dist.barrier()
+    return history
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo
+# ----------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    import tempfile
+
+    # A toy world: the model learns to answer "7" and GRPO rewards answers that contain a 7.
+    convs = [[{"role": "user", "content": f"What is {a} plus {b}?"},
+              {"role": "assistant", "content": f"The answer is {a + b}."}] for a in range(10) for b in range(10)]
+    tok = data.build_tokenizer([m["content"] for c in convs for m in c], vocab_size=300)
+    torch.manual_seed(0)
+    policy = init_tiny_model(tok, ModelConfig(hidden=64, layers=2, heads=2, kv_heads=2, intermediate=256))
+    sft(policy, tok, convs, SFTConfig(steps=200, batch_size=16, log_every=50))
+
+    class ToySampler:
+        def batch(self, step, n, rank=0, world=1):
+            rng = random.Random(step)
+            recs = [{"prompt": [{"role": "user", "content": f"What is {rng.randrange(10)} plus {rng.randrange(10)}?"}]}
+                    for _ in range(n)]
+            k = n // world
+            return recs[rank * k:(rank + 1) * k]
+
+    def toy_rewarder(rec, texts, finished):
+        return [{"score": float("7" in t), "finished": float(f)} for t, f in zip(texts, finished)]
+
+    with tempfile.TemporaryDirectory() as out:
+        train_grpo(policy, tok, ToySampler(), toy_rewarder,
+                   GRPOConfig(steps=10, prompts_per_step=8, group_size=8, max_new_tokens=16, lr=1e-3), out)
