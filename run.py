@@ -1,0 +1,546 @@
+"""run.py - the whole beneficial-trait-RL experiment, one command.
+
+    python run.py                          # the default (tiny) preset: world, base, 4 RL arms, evals, attacks, report
+    python run.py --preset smoke           # every stage in about a minute (what the tests run)
+    python run.py --stage base             # stop after a stage: world | base | rl | eval | persistence | report
+    python run.py --help                   # every knob, its default and what it means
+    torchrun --standalone --nproc_per_node=2 run.py --preset smoke     # the same run on 2 ranks
+
+The recipe (DESIGN §6):
+  1. world        generate the persona world (data.py) and train its tokenizer
+  2. base         pretrain the tiny Llama on the world's corpus with `grpo.sft` (or load --model)
+  3. rl           compute-matched GRPO arms from the base: baseline (standard tasks only), trait
+                  (tasks + a small trait fraction), trait_no_health_science, trait_health_only;
+                  same steps, prompts per step, G, max new tokens and seed for every arm
+  4. eval         the suite on base and every arm; bootstrap CIs; paired arm - baseline deltas;
+                  "k of N evals improved"; the cross-turn link and forced-prefix probes
+  5. persistence  persona prompt attacks and harmful fine-tuning (attack.py)
+  6. report       out/<run>/report.md, report.json, figures/*.png
+
+Every stage is cached under out/<run>/ by a hash of the config it depends on, so a rerun with a
+changed eval reuses the trained models. Errors a user can cause print one line and exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import data
+import evaluate
+import grpo
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: one dataclass per concern, presets are plain dicts of overrides
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = ""                  # run folder under out_dir (default: the preset's name)
+    out_dir: str = "out"            # where every stage writes
+    stage: str = "report"           # last stage to run: world | base | rl | eval | persistence | report
+    seeds: int = 1                  # repeat the RL arms with this many seeds (CIs then cover seeds too)
+    arms: str = "baseline,trait,trait_no_health_science,trait_health_only"  # RL arms to train
+    trait_fraction: float = 0.25    # share of RL prompts that are trait scenarios in the trait arms (study: ~5%)
+    model: str = ""                 # HF name or local path of the policy; empty = pretrain the tiny model
+    judge: str = ""                 # HF name or local path of an LLM rubric judge; empty = pattern judge
+    trait_data: str = ""            # JSONL path or HF dataset of trait records (DESIGN §3); empty = the world's
+    task_data: str = ""             # JSONL path or HF dataset of task records; empty = the world's
+    eval_max_items: int = 0         # keep the first n items of each eval (0 = all)
+    vocab_size: int = 2000          # BPE vocabulary of the tiny world's tokenizer
+    probe_items: int = 200          # items of the link and forced-prefix probes
+
+
+ARMS = {  # arm -> (trait fraction used?, domain include, domain exclude)
+    "baseline": (False, (), ()),
+    "trait": (True, (), ()),
+    "trait_no_health_science": (True, (), ("health", "science")),
+    "trait_health_only": (True, ("health",), ()),
+}
+
+PRESETS: dict[str, dict] = {
+    "tiny": {},  # the dataclass defaults are the tiny preset
+    "smoke": {"world.n_docs": 1500, "world.n_trait_train": 200, "world.n_task_prompts": 200, "world.n_eval": 20,
+              "world.n_eval_heldout": 10, "world.n_trait_heldout": 1, "world.n_link_probe": 40, "world.n_bad_medical": 64,
+              "run.vocab_size": 600, "run.probe_items": 40, "run.eval_max_items": 16,
+              "model.hidden": 32, "model.layers": 2, "model.heads": 2, "model.kv_heads": 2, "model.intermediate": 64,
+              "sft.steps": 30, "sft.batch_size": 16, "grpo.steps": 4, "grpo.prompts_per_step": 4,
+              "grpo.group_size": 4, "grpo.max_new_tokens": 24, "eval.samples_per_item": 1, "eval.max_new_tokens": 24},
+}
+
+
+def config_sections() -> dict[str, type]:
+    """The config dataclasses by CLI prefix."""
+    return {"run": RunConfig, "world": data.WorldConfig, "model": grpo.ModelConfig, "sft": grpo.SFTConfig,
+            "grpo": grpo.GRPOConfig, "eval": evaluate.EvalConfig}
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment after each field in the dataclass source: the one place a knob is documented."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and "#" in rest and name.isidentifier():
+            comments[name] = rest.split("#", 1)[1].strip()
+    return comments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Presets: " + ", ".join(PRESETS) + ". Flags override the preset.")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named set of overrides (default: tiny)")
+    for section, cls in config_sections().items():
+        group = parser.add_argument_group(section)
+        comments = field_comments(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            flag = f"--{f.name.replace('_', '-')}" if section == "run" else f"--{section}-{f.name.replace('_', '-')}"
+            kind = {"bool": _bool, "int": int, "float": float, "tuple": _floats}.get(type(default).__name__, str)
+            group.add_argument(flag, dest=f"{section}.{f.name}", type=kind, default=None, metavar=type(default).__name__.upper(),
+                               help=f"{comments.get(f.name, '')} (default: {default})")
+    return parser
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def resolve_configs(args: argparse.Namespace) -> dict:
+    """Dataclass defaults <- preset <- command-line flags."""
+    overrides = dict(PRESETS[args.preset])
+    overrides.update({k: v for k, v in vars(args).items() if "." in k and v is not None})
+    configs = {}
+    for section, cls in config_sections().items():
+        values = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(section + ".")}
+        configs[section] = cls(**values)
+    if not configs["run"].name:
+        configs["run"].name = args.preset
+    if configs["run"].stage not in STAGES:
+        raise data.UserError(f"--stage must be one of {', '.join(STAGES)}, got {configs['run'].stage!r}")
+    unknown = [a for a in configs["run"].arms.split(",") if a not in ARMS]
+    if unknown:
+        raise data.UserError(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    return configs
+
+
+STAGES = ("world", "base", "rl", "eval", "persistence", "report")
+
+
+def config_hash(*parts) -> str:
+    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+
+
+
+def is_main() -> bool:
+    return evaluate._rank_world()[0] == 0
+
+
+def log(*args) -> None:
+    if is_main():
+        print(*args, flush=True)
+
+
+def barrier() -> None:
+    if evaluate._rank_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def is_done(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "DONE"))
+
+
+def mark_done(path: str, info: dict | None = None) -> None:
+    """A stage's folder counts as cached only once this file exists: a killed stage is redone."""
+    if is_main():
+        with open(os.path.join(path, "DONE"), "w") as f:
+            json.dump(info or {}, f)
+    barrier()
+
+
+def stage_world(c: dict, run_dir: str):
+    """The world (regenerated: it is a pure function of its config) and its tokenizer (cached)."""
+    world = data.build_world(c["world"])
+    if c["run"].trait_data:  # the user's trait records: split "train" is RL data, the rest the trait eval
+        records = data.load_records(c["run"].trait_data)
+        world.trait_train = [r for r in records if r.get("split", "train") == "train"]
+        world.trait_eval = [r for r in records if r.get("split", "train") != "train"] or world.trait_eval
+    if c["run"].task_data:
+        world.task_train = data.load_records(c["run"].task_data)
+    if c["run"].model:
+        return world, None, config_hash(c["world"], c["run"].model)
+    key = config_hash(c["world"], c["run"].vocab_size)
+    tok_dir = os.path.join(run_dir, f"tokenizer-{key}")
+    if not is_done(tok_dir):
+        if is_main():
+            os.makedirs(tok_dir, exist_ok=True)
+            data.build_tokenizer(world.texts(), c["run"].vocab_size).save_pretrained(tok_dir)
+        mark_done(tok_dir)
+    from transformers import AutoTokenizer
+
+    return world, AutoTokenizer.from_pretrained(tok_dir), key
+
+
+def stage_base(c: dict, run_dir: str, world: data.World, tokenizer, world_key: str) -> tuple[str, str]:
+    """Pretrain the tiny base model on the corpus (SFT, assistant tokens only), or use --model."""
+    if c["run"].model:
+        return c["run"].model, config_hash(c["run"].model)
+    key = config_hash(world_key, c["model"], c["sft"])
+    base_dir = os.path.join(run_dir, f"base-{key}")
+    if is_done(base_dir):
+        log(f"[base] cached: {base_dir}")
+        return base_dir, key
+    t0 = time.time()
+    model = grpo.init_tiny_model(tokenizer, c["model"])
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[base] pretraining a {n_params / 1e6:.2f}M-parameter Llama on {len(world.corpus)} documents")
+    losses = grpo.sft(model, tokenizer, world.corpus, c["sft"], log=log)
+    if is_main():
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+    mark_done(base_dir, {"params": n_params, "losses": losses, "seconds": time.time() - t0})
+    return base_dir, key
+
+
+def make_rewarder(c: dict):
+    import reward
+
+    judge = reward.LLMJudge(c["run"].judge) if c["run"].judge else reward.PatternJudge()
+    return reward.Rewarder(judge)
+
+
+def stage_rl(c: dict, run_dir: str, world: data.World, base_dir: str, base_key: str) -> dict[str, list[str]]:
+    """Train every arm (x seeds) from the base with identical compute; returns arm -> model dirs."""
+    rewarder = make_rewarder(c)
+    arms: dict[str, list[str]] = {}
+    for seed in range(c["run"].seeds):
+        for arm in c["run"].arms.split(","):
+            uses_traits, include, exclude = ARMS[arm]
+            fraction = c["run"].trait_fraction if uses_traits else 0.0
+            cfg = dataclasses.replace(c["grpo"], seed=c["grpo"].seed + seed)
+            arm_dir = os.path.join(run_dir, f"rl-{arm}-s{seed}-{config_hash(base_key, cfg, fraction, include, exclude)}")
+            arms.setdefault(arm, []).append(arm_dir)
+            if is_done(arm_dir):
+                log(f"[rl] {arm} seed {seed} cached: {arm_dir}")
+                continue
+            log(f"[rl] {arm} seed {seed}: trait fraction {fraction}, domains include={list(include)} exclude={list(exclude)}")
+            policy, tokenizer = grpo.load_policy(base_dir)
+            sampler = data.MixedSampler(world.trait_train, world.task_train, fraction, seed=cfg.seed,
+                                        include=include, exclude=exclude)
+            t0 = time.time()
+            resume = os.path.isdir(os.path.join(arm_dir, "checkpoint"))  # a killed arm continues where it stopped
+            history = grpo.train_grpo(policy, tokenizer, sampler, rewarder, cfg, out_dir=arm_dir, resume=resume, log=log)
+            if is_main():
+                policy.save_pretrained(os.path.join(arm_dir, "final"))
+                tokenizer.save_pretrained(os.path.join(arm_dir, "final"))
+            mark_done(arm_dir, {"history": history, "seconds": time.time() - t0})
+    return arms
+
+
+def model_dirs(base_dir: str, arms: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {"base": [base_dir], **{arm: [os.path.join(d, "final") for d in dirs] for arm, dirs in arms.items()}}
+
+
+def stage_eval(c: dict, run_dir: str, world: data.World, models: dict[str, list[str]]) -> dict:
+    """The suite and the probes on every model, cached per model and eval config."""
+    suite = evaluate.build_suite(world, max_items=c["run"].eval_max_items or None)
+    probe = world.link_probe[:c["run"].probe_items]
+    forced = [r for r in world.evals if r["split"] == "eval"][:c["run"].probe_items]
+    results = {}
+    for name, dirs in models.items():
+        results[name] = []
+        for d in dirs:
+            cache = os.path.join(d, f"eval-{config_hash(c['eval'], c['run'].eval_max_items, c['run'].probe_items, c['world'])}.json")
+            if os.path.isfile(cache):
+                with open(cache) as f:
+                    results[name].append(json.load(f))
+                continue
+            log(f"[eval] {name}: {d}")
+            model, tokenizer = grpo.load_policy(d)
+            res = {"suite": evaluate.run_suite(model, tokenizer, suite, c["eval"], progress=is_main()),
+                   "link": evaluate.link_probe(model, tokenizer, probe, c["eval"]),
+                   "forced_prefix": evaluate.forced_prefix_probe(model, tokenizer, forced, c["eval"])}
+            if is_main():
+                with open(cache, "w") as f:
+                    json.dump(res, f)
+            results[name].append(res)
+    return results
+
+
+def stage_persistence(c: dict, run_dir: str, world: data.World, models: dict[str, list[str]]) -> dict:
+    """Persona prompt attacks and harmful fine-tuning on base, baseline and trait (first seed)."""
+    import attack
+
+    targets = {name: dirs[0] for name, dirs in models.items() if name in ("base", "baseline", "trait")}
+    cache = os.path.join(run_dir, f"persistence-{config_hash(targets, c['eval'], c['attack'], c['run'].eval_max_items)}.json")
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            return json.load(f)
+    suite = evaluate.build_suite(world, max_items=c["attack"].max_items or c["run"].eval_max_items or None)
+    result = {"persona": attack.persona_attack(targets, suite, c["eval"], c["attack"], log=log),
+              "finetune": attack.finetune_attack(targets, world.bad_medical, suite, c["eval"], c["attack"], log=log)}
+    if is_main():
+        with open(cache, "w") as f:
+            json.dump(result, f)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def per_item(results: dict, model: str, eval_name: str, key: str = "score") -> list[list[float]]:
+    """(seeds, items) scores of one model on one eval."""
+    return [r["suite"][eval_name][key] for r in results[model]]
+
+
+def build_report(c: dict, results: dict, arms: dict[str, list[str]], persistence: dict | None, timing: dict) -> dict:
+    import numpy as np
+
+    eval_names = list(next(iter(results.values()))[0]["suite"])
+    report = {"config": {k: dataclasses.asdict(v) for k, v in c.items()}, "timing": timing, "evals": {}, "parsed": {},
+              "comparisons": {}, "summary": {}, "breakdown": {}, "probes": {}, "training": {}, "compute": {}}
+    for name in eval_names:
+        report["evals"][name] = {m: evaluate.summarize(list(np.mean(per_item(results, m, name), axis=0))) for m in results}
+        report["parsed"][name] = {m: float(np.mean(per_item(results, m, name, "parsed"))) for m in results}
+    for arm in arms:
+        if arm == "baseline" or "baseline" not in results:
+            continue
+        report["comparisons"][arm] = {n: evaluate.paired_delta(per_item(results, arm, n), per_item(results, "baseline", n))
+                                      for n in eval_names}
+        ood = {n: d for n, d in report["comparisons"][arm].items() if evaluate.EVALS.get(n) and evaluate.EVALS[n].group == "ood"}
+        report["summary"][arm] = {"ood": evaluate.count_improved(ood), "all": evaluate.count_improved(report["comparisons"][arm])}
+    for m in results:  # held-out trait eval per trait and per domain
+        res = results[m][0]["suite"].get("trait_heldout")
+        if res:
+            for key in ("family", "domain"):
+                groups: dict[str, list[float]] = {}
+                for g, s in zip(res[key], res["score"]):
+                    groups.setdefault(g, []).append(s)
+                report["breakdown"].setdefault(key, {})[m] = {g: float(np.mean(v)) for g, v in sorted(groups.items())}
+        report["probes"][m] = {"link": results[m][0]["link"], "forced_prefix": results[m][0]["forced_prefix"]}
+    for arm, dirs in arms.items():
+        histories = []
+        for d in dirs:
+            with open(os.path.join(d, "DONE")) as f:
+                histories.append(json.load(f)["history"])
+        h = histories[0]
+        report["training"][arm] = {"reward": [s["reward/mean"] for s in h], "kl": [s["kl"] for s in h]}
+        g = c["grpo"]
+        report["compute"][arm] = {"steps": len(h), "rollouts": len(h) * g.prompts_per_step * g.group_size,
+                                  "tokens_generated": int(sum(s["len/mean"] * g.prompts_per_step * g.group_size for s in h)),
+                                  "seeds": len(dirs)}
+    if persistence:
+        report["persistence"] = persistence
+    return report
+
+
+def fmt_ci(d: dict, key: str = "score") -> str:
+    return f"{d[key]:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if key == "delta" else f"{d[key]:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]"
+
+
+def summary_table(report: dict) -> str:
+    models = list(next(iter(report["evals"].values())))
+    lines = ["| eval | " + " | ".join(models) + " | trait - baseline |", "|---" * (len(models) + 2) + "|"]
+    for name, per_model in report["evals"].items():
+        delta = report["comparisons"].get("trait", {}).get(name)
+        lines.append(f"| {name} | " + " | ".join(f"{per_model[m]['score']:.3f}" for m in models)
+                     + f" | {fmt_ci(delta, 'delta') if delta else '-'} |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, run_dir: str) -> None:
+    figures = make_figures(report, os.path.join(run_dir, "figures"))
+    md = [f"# beneficial-rl report: {os.path.basename(run_dir)}", "",
+          "Scores are aligned rates in [0, 1] (higher = more aligned), means over items with bootstrap 95% CIs; "
+          "deltas are paired bootstrap CIs of arm - baseline over items (and seeds).", "",
+          "## Scores", "", summary_table(report), ""]
+    for arm, s in report["summary"].items():
+        o = s["ood"]
+        md.append(f"- **{arm}** beats baseline on {o['improved']} of {o['n']} out-of-distribution evals, "
+                  f"{o['significant']} significantly ({o['significantly_worse']} significantly worse).")
+    md += ["", "## Ablations: arm - baseline", "", "| eval | " + " | ".join(report["comparisons"]) + " |",
+           "|---" * (len(report["comparisons"]) + 1) + "|"]
+    for name in report["evals"]:
+        md.append(f"| {name} | " + " | ".join(fmt_ci(report["comparisons"][a][name], "delta") for a in report["comparisons"]) + " |")
+    md += ["", "## Parse rates (share of answers recognisable as the family's answer about this item)", "",
+           "| eval | " + " | ".join(next(iter(report["parsed"].values()))) + " |", "|---" * (len(next(iter(report["parsed"].values()))) + 1) + "|"]
+    for name, per_model in report["parsed"].items():
+        md.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in per_model.values()) + " |")
+    md += ["", "## What carries the effect", "",
+           "| model | link P(a2|a1) - P(a2|m1) | forced aligned start | forced misaligned start |", "|---|---|---|---|"]
+    for m, p in report["probes"].items():
+        md.append(f"| {m} | {fmt_ci(p['link'], 'link')} | {fmt_ci(p['forced_prefix']['forced_aligned'])} | "
+                  f"{fmt_ci(p['forced_prefix']['forced_misaligned'])} |")
+    md += ["", "## Compute per arm (matched)", "", "| arm | steps | rollouts | tokens generated |", "|---|---|---|---|"]
+    for arm, comp in report["compute"].items():
+        md.append(f"| {arm} | {comp['steps']} | {comp['rollouts']} | {comp['tokens_generated']} |")
+    if "persistence" in report:
+        md += ["", "## Persistence", "", persistence_markdown(report["persistence"])]
+    md += ["", "## Timing (s)", "", " ".join(f"{k}={v:.0f}" for k, v in report["timing"].items()), ""]
+    md += [f"![{os.path.basename(f)}](figures/{os.path.basename(f)})" for f in figures]
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(run_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def persistence_markdown(p: dict) -> str:
+    lines = ["| model | none | harmful | helpful | harmful degradation | helpful gain |", "|---|---|---|---|---|---|"]
+    for m, r in p["persona"]["persona"].items():
+        lines.append(f"| {m} | {r['none']:.3f} | {r['harmful']:.3f} | {r['helpful']:.3f} | "
+                     f"{fmt_ci(r['harmful_degradation'], 'delta')} | {fmt_ci(r['helpful_gain'], 'delta')} |")
+    sel = p["persona"].get("selective_persistence")
+    if sel:
+        lines.append(f"\nTrait - baseline degradation under harmful personas: {fmt_ci(sel['degradation_diff'], 'delta')}; "
+                     f"helpful gain difference: {fmt_ci(sel['gain_diff'], 'delta')}.")
+    lines += ["", "| model (harmful fine-tuning) | health drop | non-health drop |", "|---|---|---|"]
+    for m, r in p["finetune"].items():
+        lines.append(f"| {m} | {fmt_ci(r['drop']['health'], 'delta')} | {fmt_ci(r['drop']['non_health'], 'delta')} |")
+    return "\n".join(lines)
+
+
+def make_figures(report: dict, fig_dir: str) -> list[str]:
+    """Per-eval bars (base / baseline / trait), ablation deltas, training curves, persistence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    os.makedirs(fig_dir, exist_ok=True)
+    paths = []
+    names = list(report["evals"])
+    models = [m for m in ("base", "baseline", "trait") if m in next(iter(report["evals"].values()))]
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.9), 4))
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        s = [report["evals"][n][m] for n in names]
+        err = np.array([[x["score"] - x["ci"][0] for x in s], [x["ci"][1] - x["score"] for x in s]])
+        ax.bar(np.arange(len(names)) + i * width, [x["score"] for x in s], width, yerr=err, label=m, capsize=2)
+    ax.set_xticks(np.arange(len(names)) + width * (len(models) - 1) / 2, names, rotation=30, ha="right")
+    ax.set_ylabel("aligned rate"), ax.set_ylim(0, 1), ax.legend(), ax.set_title("Evals: base vs baseline vs trait RL")
+    paths.append(_save(fig, fig_dir, "evals.png"))
+    if report["comparisons"]:
+        fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.9), 4))
+        arms = list(report["comparisons"])
+        width = 0.8 / len(arms)
+        for i, a in enumerate(arms):
+            d = [report["comparisons"][a][n] for n in names]
+            err = np.array([[x["delta"] - x["ci"][0] for x in d], [x["ci"][1] - x["delta"] for x in d]])
+            ax.bar(np.arange(len(names)) + i * width, [x["delta"] for x in d], width, yerr=err, label=a, capsize=2)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(np.arange(len(names)) + width * (len(arms) - 1) / 2, names, rotation=30, ha="right")
+        ax.set_ylabel("arm - baseline"), ax.legend(), ax.set_title("Ablations: paired deltas vs the compute-matched baseline")
+        paths.append(_save(fig, fig_dir, "ablations.png"))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, curve in report["training"].items():
+        ax.plot(curve["reward"], label=arm)
+    ax.set_xlabel("GRPO step"), ax.set_ylabel("mean reward"), ax.legend(), ax.set_title("Training reward")
+    paths.append(_save(fig, fig_dir, "training.png"))
+    if "persistence" in report:
+        persona = report["persistence"]["persona"]["persona"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, cond in enumerate(("none", "harmful", "helpful")):
+            ax.bar(np.arange(len(persona)) + i * 0.27, [persona[m][cond] for m in persona], 0.27, label=cond)
+        ax.set_xticks(np.arange(len(persona)) + 0.27, list(persona)), ax.set_ylim(0, 1)
+        ax.set_ylabel("aligned rate"), ax.legend(title="persona prompt"), ax.set_title("Persona prompt attacks")
+        paths.append(_save(fig, fig_dir, "persona_attack.png"))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for m, r in report["persistence"]["finetune"].items():
+            for ax, key in zip(axes, ("health", "non_health")):
+                ax.plot(r["steps"], r[key], marker="o", label=m)
+                ax.set_title(f"{key} evals under harmful fine-tuning"), ax.set_xlabel("fine-tuning step")
+        axes[0].set_ylabel("aligned rate"), axes[0].legend()
+        paths.append(_save(fig, fig_dir, "finetune_attack.png"))
+    return paths
+
+
+def _save(fig, fig_dir: str, name: str) -> str:
+    path = os.path.join(fig_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def run(c: dict) -> dict | None:
+    run_dir = os.path.join(c["run"].out_dir, c["run"].name)
+    os.makedirs(run_dir, exist_ok=True)
+    last = STAGES.index(c["run"].stage)
+    timing, t_all = {}, time.time()
+
+    def timed(stage, fn, *args):
+        t0 = time.time()
+        out = fn(*args)
+        timing[stage] = time.time() - t0
+        log(f"[{stage}] done in {timing[stage]:.0f} s")
+        return out
+
+    world, tokenizer, world_key = timed("world", stage_world, c, run_dir)
+    if last < STAGES.index("base"):
+        return None
+    base_dir, base_key = timed("base", stage_base, c, run_dir, world, tokenizer, world_key)
+    if last < STAGES.index("rl"):
+        return None
+    arms = timed("rl", stage_rl, c, run_dir, world, base_dir, base_key)
+    if last < STAGES.index("eval"):
+        return None
+    models = model_dirs(base_dir, arms)
+    results = timed("eval", stage_eval, c, run_dir, world, models)
+    persistence = None
+    if last >= STAGES.index("persistence"):
+        persistence = timed("persistence", stage_persistence, c, run_dir, world, models)
+    timing["total_s"] = time.time() - t_all
+    report = build_report(c, results, arms, persistence, timing)
+    if is_main():
+        write_report(report, run_dir)
+        print(summary_table(report))
+        print(f"report: {os.path.join(run_dir, 'report.md')}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        configs = resolve_configs(args)
+        grpo.init_distributed()
+        run(configs)
+    except data.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
