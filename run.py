@@ -530,12 +530,71 @@ def run(c: dict) -> dict | None:
     return report
 
 
+def sweep(c: dict, spec: str) -> None:
+    """`--sweep world.coherence=0,0.5,1`: the baseline and trait arms at each value (each a run of its
+    own, cached as usual), then one figure of trait - baseline on the held-out trait eval and on the
+    mean of the out-of-distribution evals, and the cross-turn link of the trait model."""
+    key, _, values = spec.partition("=")
+    section, _, name = key.partition(".")
+    if section not in c or name not in {f.name for f in dataclasses.fields(c[section])} or not values:
+        raise data.UserError(f"--sweep expects SECTION.FIELD=V1,V2,... (e.g. world.coherence=0,1), got {spec!r}")
+    kind = type(getattr(c[section], name))
+    rows = []
+    for value in values.split(","):
+        point = dict(c)
+        point[section] = dataclasses.replace(c[section], **{name: kind(value)})
+        point["run"] = dataclasses.replace(c["run"] if section != "run" else point["run"], arms="baseline,trait",
+                                           stage="eval", name=f"{c['run'].name}-{name}-{value}")
+        report = run(point)
+        ood = [d for n, d in report["comparisons"]["trait"].items() if evaluate.EVALS[n].group == "ood"]
+        rows.append({"value": kind(value), "trait_heldout": report["comparisons"]["trait"]["trait_heldout"],
+                     "ood_mean_delta": sum(d["delta"] for d in ood) / len(ood),
+                     "ood_significant": report["summary"]["trait"]["ood"]["significant"],
+                     "link": report["probes"]["trait"]["link"]})
+    if is_main():
+        path = os.path.join(c["run"].out_dir, f"sweep-{c['run'].name}-{name}.json")
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+        plot_sweep(rows, key, path.replace(".json", ".png"))
+        for r in rows:
+            print(f"{key}={r['value']}: trait_heldout delta {fmt_ci(r['trait_heldout'], 'delta')} | "
+                  f"mean OOD delta {r['ood_mean_delta']:+.3f} ({r['ood_significant']} significant) | "
+                  f"link {fmt_ci(r['link'], 'link')}")
+        print(f"sweep: {path}")
+
+
+def plot_sweep(rows: list[dict], key: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["value"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(x, [r["trait_heldout"]["delta"] for r in rows], capsize=3, marker="o", label="held-out trait: trait - baseline",
+                yerr=[[r["trait_heldout"]["delta"] - r["trait_heldout"]["ci"][0] for r in rows],
+                      [r["trait_heldout"]["ci"][1] - r["trait_heldout"]["delta"] for r in rows]])
+    ax.plot(x, [r["ood_mean_delta"] for r in rows], marker="s", label="mean OOD eval: trait - baseline")
+    ax.plot(x, [r["link"]["link"] for r in rows], marker="^", ls="--", label="cross-turn link (trait model)")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel(key), ax.legend(), ax.set_title(f"Sweep over {key}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.add_argument("--sweep", default="", metavar="SECTION.FIELD=V1,V2",
+                        help="run baseline + trait at each value and plot the effect (e.g. world.coherence=0,0.5,1)")
+    args = parser.parse_args(argv)
     try:
         configs = resolve_configs(args)
         grpo.init_distributed()
-        run(configs)
+        if args.sweep:
+            sweep(configs, args.sweep)
+        else:
+            run(configs)
     except data.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
