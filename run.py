@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import attack
 import data
 import evaluate
 import grpo
@@ -79,7 +80,7 @@ PRESETS: dict[str, dict] = {
 def config_sections() -> dict[str, type]:
     """The config dataclasses by CLI prefix."""
     return {"run": RunConfig, "world": data.WorldConfig, "model": grpo.ModelConfig, "sft": grpo.SFTConfig,
-            "grpo": grpo.GRPOConfig, "eval": evaluate.EvalConfig}
+            "grpo": grpo.GRPOConfig, "eval": evaluate.EvalConfig, "attack": attack.AttackConfig}
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -102,14 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             flag = f"--{f.name.replace('_', '-')}" if section == "run" else f"--{section}-{f.name.replace('_', '-')}"
-            kind = {"bool": _bool, "int": int, "float": float, "tuple": _floats}.get(type(default).__name__, str)
-            group.add_argument(flag, dest=f"{section}.{f.name}", type=kind, default=None, metavar=type(default).__name__.upper(),
-                               help=f"{comments.get(f.name, '')} (default: {default})")
+            kind = parser_type(str(f.type))
+            group.add_argument(flag, dest=f"{section}.{f.name}", type=kind, default=None, metavar=str(f.type).split("[")[0].split(" ")[0].upper(),
+                               help=f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%"))
     return parser
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
+def parser_type(annotation: str):
+    """argparse type of a dataclass field from its annotation ("int | None" parses as int)."""
+    for prefix, kind in (("bool", _bool), ("int", int), ("float", float),
+                         ("tuple[float", lambda t: tuple(float(x) for x in t.split(","))),
+                         ("tuple[str", lambda t: tuple(t.split(",")))):
+        if annotation.startswith(prefix):
+            return kind
+    return str
 
 
 def _bool(text: str) -> bool:
@@ -291,8 +298,6 @@ def stage_eval(c: dict, run_dir: str, world: data.World, models: dict[str, list[
 
 def stage_persistence(c: dict, run_dir: str, world: data.World, models: dict[str, list[str]]) -> dict:
     """Persona prompt attacks and harmful fine-tuning on base, baseline and trait (first seed)."""
-    import attack
-
     targets = {name: dirs[0] for name, dirs in models.items() if name in ("base", "baseline", "trait")}
     cache = os.path.join(run_dir, f"persistence-{config_hash(targets, c['eval'], c['attack'], c['run'].eval_max_items)}.json")
     if os.path.isfile(cache):

@@ -8,7 +8,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 import data  # noqa: E402
+
+# Tiny models are overhead-bound: one thread is as fast as two, and it does not oversubscribe the
+# cores when tests start torchrun workers or share the machine (measured ~100x slower generate then).
+torch.set_num_threads(1)
 
 SENTENCES = [
     "The answer is 12. I am not sure about that claim.",
