@@ -266,10 +266,8 @@ def _lean_supported(model, max_len: int) -> bool:
 
 
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """HF's RMSNorm, read from its module: normalise in fp32, scale in the input dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * xf.to(x.dtype)
+    """HF's RMSNorm, read from its module: normalise in fp32, scale in the input dtype (one fused op)."""
+    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -281,13 +279,20 @@ def _linear(x: torch.Tensor, layer) -> torch.Tensor:
     return F.linear(x, layer.weight, layer.bias)
 
 
-def _lean_forward(model, ids: torch.Tensor, pos: torch.Tensor, attend: Callable) -> torch.Tensor:
+def _rope_tables(model, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of positions 0..length-1, (length, head_dim), from the model's own rotary module
+    (rope_theta and any static scaling type), computed once per generate call."""
+    pos = torch.arange(length, device=device)[None]
+    cos, sin = model.model.rotary_emb(model.model.embed_tokens.weight[:1], pos)
+    return cos[0], sin[0]
+
+
+def _lean_forward(model, ids: torch.Tensor, pos: torch.Tensor, rope: tuple, attend: Callable) -> torch.Tensor:
     """The decoder of a Llama-family HF model as plain tensor ops on its own weights; returns the
     logits of the last column. `attend(layer, q, k, v)` owns the KV cache and the attention."""
     base = model.model
     x = F.embedding(ids, base.embed_tokens.weight)
-    cos, sin = base.rotary_emb(x, pos)  # the model's own RoPE: rope_theta and any scaling type
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    cos, sin = rope[0][pos].unsqueeze(1), rope[1][pos].unsqueeze(1)  # (rows, 1, S, D): broadcast over heads
     for i, layer in enumerate(base.layers):
         a = layer.self_attn
         h = _rms_norm(x, layer.input_layernorm)
@@ -304,24 +309,28 @@ def _lean_forward(model, ids: torch.Tensor, pos: torch.Tensor, attend: Callable)
     return _linear(_rms_norm(x[:, -1], base.norm), model.lm_head)
 
 
-def _decode_step(model, k_cache, v_cache, tok, pos, col, valid) -> torch.Tensor:
+def _decode_step(model, rope, k_cache, v_cache, tok, pos, col, valid) -> torch.Tensor:
     """One token for every row: write its k/v at column `col` of the static cache, attend over the
-    whole cache under the `valid` mask (static shapes, so torch.compile/CUDA graphs can capture it)."""
+    whole cache under the `valid` mask (static shapes, so torch.compile/CUDA graphs can capture it;
+    on CPU slicing off the unwritten columns measured no faster)."""
     n_rows = tok.shape[0]
 
     def attend(i, q, k, v):
+        k_cache[i].index_copy_(2, col, k.to(k_cache.dtype))
+        v_cache[i].index_copy_(2, col, v.to(v_cache.dtype))
         kc, vc = k_cache[i], v_cache[i]
-        kc.index_copy_(2, col, k.to(kc.dtype))
-        vc.index_copy_(2, col, v.to(vc.dtype))
         heads, kv_heads = q.shape[1], kc.shape[1]
         # grouped-query attention without copying the cache: the query heads that share a kv head
         # become that head's `groups` query rows (HF's repeat_kv order: head h uses kv head h // groups)
         qg = q.reshape(n_rows, kv_heads, heads // kv_heads, q.shape[-1]).to(kc.dtype)
-        o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=valid[:, None, None, :],
-                                           scale=model.model.layers[i].self_attn.scaling)
+        # plain matmul attention: for one query per row CPU SDPA's flash kernel is ~10x slower, and on
+        # GPU inductor fuses these few ops anyway
+        scores = (qg @ kc.transpose(-1, -2)) * model.model.layers[i].self_attn.scaling
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        o = torch.softmax(scores.float(), -1).to(vc.dtype) @ vc
         return o.reshape(n_rows, heads, 1, q.shape[-1])
 
-    return _lean_forward(model, tok[:, None], pos[:, None], attend)
+    return _lean_forward(model, tok[:, None], pos[:, None], rope, attend)
 
 
 _compiled_decode_step = None
@@ -342,6 +351,7 @@ class _LeanDecoder:
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(n_rows, P + max_new_tokens, dtype=torch.bool, device=device)
         self.valid[:, :P] = prompt_mask.bool().repeat_interleave(group_size, 0)
+        self.rope = _rope_tables(model, P + max_new_tokens, device)
         self.step_fn = _decode_step
         if compile:
             global _compiled_decode_step
@@ -366,12 +376,13 @@ class _LeanDecoder:
             return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
                                                   scale=self.model.model.layers[i].self_attn.scaling)
 
-        return _lean_forward(self.model, self.prompt_ids, positions, attend).repeat_interleave(self.group_size, 0)
+        return _lean_forward(self.model, self.prompt_ids, positions, self.rope, attend).repeat_interleave(
+            self.group_size, 0)
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor, col: int) -> torch.Tensor:
         self.valid[:, col] = True
         col_t = torch.tensor([col], device=tok.device)
-        return self.step_fn(self.model, self.k_cache, self.v_cache, tok, pos, col_t, self.valid)
+        return self.step_fn(self.model, self.rope, self.k_cache, self.v_cache, tok, pos, col_t, self.valid)
 
 
 class _HFDecoder:

@@ -1,0 +1,180 @@
+"""bench.py - throughput of the GRPO building blocks, one JSON line last.
+
+Builds a random-init Llama of the given shape (untied head, like a default LlamaConfig) and a BPE
+tokenizer trained on synthetic text to the given vocab size, then measures on the same batch of B
+prompts x G samples x new tokens:
+  sample_tokens_per_s    grpo.generate (prefill once per prompt, cached batched decode)
+  generate_tokens_per_s  HF model.generate (num_return_sequences=G, pure sampling: top_k=0, top_p=1)
+  step_s                 median wall time of a whole GRPO step (rollout, reward, ref + policy
+                         forward/backward, optimizer) with beta (0.04 by default)
+  train_gflops           achieved GFLOP/s of the training phase: FLOPs counted as 2 per parameter
+                         per token for each forward (policy, reference) and 4 for the backward, the
+                         head only on completion tokens (logits_to_keep); attention scores ignored
+  matmul_gflops          (--matmul-peak) torch.mm at the model's own linear shapes, the ceiling
+                         train_gflops should be read against
+Tokens counted are real sampled tokens (a row stops at its end-of-turn token, a random model rarely).
+
+Commands:
+  python bench.py --hidden 128 --layers 4 --heads 4 --intermediate 512 --vocab 2000 \
+      --batch 8 --group 8 --new-tokens 64 --device cpu
+  python bench.py --hidden 512 --layers 8 --heads 8 --intermediate 2048 --vocab 2000 --matmul-peak
+  python bench.py --device cuda --compile     # GPU: static cache + torch.compile'd decode step
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+
+import torch
+
+import data
+import grpo
+
+
+def synthetic_tokenizer(vocab: int, seed: int = 0):
+    """A BPE trained to `vocab` ids on random pseudo-words (enough distinct merges to fill it)."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(4000)]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(4000)]
+    return data.build_tokenizer(lines, vocab_size=vocab), words
+
+
+def make_prompts(tok, words, n: int, target_tokens: int, seed: int = 1) -> list[list[dict]]:
+    """n one-turn conversations whose encoded prompt is about `target_tokens` long (lengths vary a bit)."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        text = ""
+        goal = target_tokens + rng.randint(-4, 4)
+        while len(data.encode_prompt(tok, [{"role": "user", "content": text}])) < goal:
+            text += rng.choice(words) + " "
+        prompts.append([{"role": "user", "content": text}])
+    return prompts
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Median seconds of `repeats` calls after one warm-up call, and the last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def matmul_gflops(shapes: list[tuple[int, int, int]], device: torch.device, repeats: int = 20) -> float:
+    """GFLOP/s of torch.mm over the (M, K, N) shapes, timed together (2*M*K*N FLOPs each)."""
+    mats = [(torch.randn(m, k, device=device), torch.randn(k, n, device=device)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+
+    def run():
+        for a, b in mats:
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return flops / timed(run, repeats)[0] / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (no GQA)")
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=8, help="prompts per step (B)")
+    p.add_argument("--group", type=int, default=8, help="samples per prompt (G)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=16, help="GRPO micro-batch (completions)")
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--steps", type=int, default=4, help="timed GRPO steps (after one warm-up step)")
+    p.add_argument("--repeats", type=int, default=3, help="timed sampler/generate calls")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: best available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    p.add_argument("--matmul-peak", action="store_true", help="also measure torch.mm GFLOP/s at the model's shapes")
+    p.add_argument("--skip-generate", action="store_true", help="skip HF model.generate")
+    args = p.parse_args()
+
+    device = torch.device(args.device) if args.device else grpo.pick_device()
+    tok, words = synthetic_tokenizer(args.vocab)
+    torch.manual_seed(0)
+    cfg = grpo.ModelConfig(hidden=args.hidden, layers=args.layers, heads=args.heads,
+                           kv_heads=args.kv_heads or args.heads, intermediate=args.intermediate,
+                           max_positions=args.prompt_tokens + args.new_tokens + 64, tie_embeddings=False)
+    model = grpo.init_tiny_model(tok, cfg).to(device).eval()
+    convs = make_prompts(tok, words, args.batch, args.prompt_tokens)
+    prompts = [data.encode_prompt(tok, c) for c in convs]
+    G, T = args.group, args.new_tokens
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def ours():
+        ro = grpo.generate(model, tok, prompts, G, T, 1.0, generator=torch.Generator(device=device).manual_seed(0),
+                           compile=args.compile)
+        sync()
+        return ro
+
+    sample_s, ro = timed(ours, args.repeats)
+    result = {"device": str(device), "params": sum(q.numel() for q in model.parameters()), "vocab": len(tok),
+              "batch": args.batch, "group": G, "new_tokens": T,
+              "sample_s": sample_s, "sample_tokens_per_s": float(ro.mask.sum()) / sample_s}
+
+    if not args.skip_generate:
+        ids, attn = grpo.left_pad(prompts, tok.pad_token_id, device)
+
+        def hf():
+            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=T, num_return_sequences=G,
+                                 eos_token_id=data.stop_token_ids(tok), pad_token_id=tok.pad_token_id)
+            sync()
+            return out
+
+        gen_s, out = timed(hf, args.repeats)
+        n_tok = int((out[:, ids.shape[1]:] != tok.pad_token_id).sum())
+        result.update(generate_s=gen_s, generate_tokens_per_s=n_tok / gen_s,
+                      speedup=result["sample_tokens_per_s"] / (n_tok / gen_s))
+
+    class BenchSampler:
+        def batch(self, step, n, rank=0, world=1):
+            k = n // world
+            return [{"prompt": convs[i]} for i in range(rank * k, (rank + 1) * k)]
+
+    def reward(rec, texts, finished):  # cheap and varied: a fake reward must not dominate the step
+        return [{"score": t.count("e") / max(len(t), 1)} for t in texts]
+
+    gcfg = grpo.GRPOConfig(steps=args.steps + 1, prompts_per_step=args.batch, group_size=G, max_new_tokens=T,
+                           beta=args.beta, micro_batch_size=args.micro_batch, checkpoint_every=0, log_every=0,
+                           compile=args.compile)
+    with tempfile.TemporaryDirectory() as out_dir:
+        hist = grpo.train_grpo(model, tok, BenchSampler(), reward, gcfg, out_dir)
+    timed_steps = hist[1:]
+    result["step_s"] = statistics.median(h["perf/step_s"] for h in timed_steps)
+    result["rollout_s"] = statistics.median(h["perf/rollout_s"] for h in timed_steps)
+    result["train_s"] = statistics.median(h["perf/train_s"] for h in timed_steps)
+
+    # FLOPs of the training phase: policy fwd (2) + bwd (4) + reference fwd (2) per param per token
+    head = model.lm_head.weight.numel()
+    body = sum(q.numel() for q in model.parameters()) - head - model.model.embed_tokens.weight.numel()
+    rows = args.batch * G
+    seq = ro.prompt_ids.shape[1] + statistics.median(h["len/mean"] for h in timed_steps)
+    completion = statistics.median(h["len/mean"] for h in timed_steps) + 1
+    flops = 8 * rows * (body * seq + head * completion)
+    result["train_gflops"] = flops / result["train_s"] / 1e9
+    if args.matmul_peak:
+        m = args.micro_batch * int(seq)
+        h, i, kv = args.hidden, args.intermediate, (args.kv_heads or args.heads) * (args.hidden // args.heads)
+        shapes = [(m, h, h), (m, h, kv), (m, h, kv), (m, h, h), (m, h, i), (m, h, i), (m, i, h)]
+        result["matmul_gflops"] = matmul_gflops(shapes, device)
+        result["train_frac_of_matmul"] = result["train_gflops"] / result["matmul_gflops"]
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
