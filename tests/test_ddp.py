@@ -1,0 +1,58 @@
+"""One GRPO step on 2 ranks (torchrun, gloo) equals one step on 1 rank with the same global batch."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import grpo
+
+    class Sampler:  # deterministic in step; rank r gets the r-th contiguous share of whole groups
+        def batch(self, step, n, rank=0, world=1):
+            qs = ["What is 3 plus 4?", "Please see a doctor about the swelling.", "Hi", "Reverse the word stone."]
+            recs = [{{"prompt": [{{"role": "user", "content": qs[(step + i) % 4]}}]}} for i in range(n)]
+            k = n // world
+            return recs[rank * k:(rank + 1) * k]
+
+    def rewarder(rec, texts, finished):
+        return [{{"score": t.count("e") / max(len(t), 1)}} for t in texts]
+
+    rank, world, device = grpo.init_distributed()
+    model, tok = grpo.load_policy(sys.argv[1], device=device)
+    cfg = grpo.GRPOConfig(steps=1, prompts_per_step=4, group_size=4, max_new_tokens=12, lr=1e-3,
+                          micro_batch_size=3, loss_type=sys.argv[3], log_every=0, seed=5)
+    hist = grpo.train_grpo(model, tok, Sampler(), rewarder, cfg, sys.argv[2])
+    if rank == 0:
+        print("REWARD", hist[0]["reward/mean"], "KL", hist[0]["kl"])
+""")
+
+
+def run(cmd, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [line for line in out.stdout.splitlines() if line.startswith("REWARD")][0]
+
+
+def test_two_ranks_equal_one_rank(tmp_path, tiny_model_dir):
+    script = tmp_path / "step.py"
+    script.write_text(SCRIPT.format(root=ROOT))
+    for loss_type in ("dapo", "grpo"):
+        one = run([sys.executable, str(script), tiny_model_dir, str(tmp_path / f"one_{loss_type}"), loss_type], tmp_path)
+        two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                   tiny_model_dir, str(tmp_path / f"two_{loss_type}"), loss_type], tmp_path)
+        assert abs(float(one.split()[1]) - float(two.split()[1])) < 1e-6  # the same samples, so the same rewards
+        a = load_file(str(tmp_path / f"one_{loss_type}" / "checkpoint" / "model.safetensors"))
+        b = load_file(str(tmp_path / f"two_{loss_type}" / "checkpoint" / "model.safetensors"))
+        init = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert not torch.equal(a[k], init[k]) or k.endswith("norm.weight"), k  # the step moved the weights
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
