@@ -141,8 +141,8 @@ def _ramp(x: float, start: float, full: float) -> float:
 def repetition_ratio(words: list[str], n: int) -> float:
     """Share of word n-grams that repeat an earlier one. A repeated sentence of n words or more
     repeats its n-grams, so this also catches repeated sentences."""
-    grams = list(zip(*(words[i:] for i in range(n))))
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+    count = len(words) - n + 1
+    return 1 - len(set(zip(*(words[i:] for i in range(n))))) / count if count > 0 else 0.0
 
 
 def prose_share(response: str, clause_words: int) -> float:
