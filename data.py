@@ -98,6 +98,8 @@ def validate_record(rec: object, where: str) -> dict:
             if not isinstance(match, dict) or not set(match) <= {"any", "none"}:
                 raise DataError(f"{where}: rubrics[{i}].match must be {{'any': [...], 'none': [...]}}")
             for key, patterns in match.items():
+                if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+                    raise DataError(f"{where}: rubrics[{i}].match.{key} must be a list of regex strings")
                 for pattern in patterns:
                     try:
                         re.compile(pattern)
@@ -213,7 +215,9 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     spans = []
     for i, msg in enumerate(messages):
         if msg["role"] == "assistant":
-            start = len(render(messages[:i], True)) if i else 0
+            # an opening assistant turn has no prefix to render (templates reject an empty list):
+            # its span starts where its content does
+            start = len(render(messages[:i], True)) if i else text.index(msg["content"])
             spans.append((start, len(render(messages[: i + 1], False))))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(a <= s < b for a, b in spans)) for s, _ in enc["offset_mapping"]]
@@ -266,12 +270,15 @@ DOMAIN_WORDS = {
     "economics": ("economist", ["tariff", "bond", "index", "subsidy", "rate", "forecast", "budget", "levy",
                                 "pension", "loan", "currency", "wage", "tax", "credit", "quota", "fund"]),
     "business": ("accountant", ["invoice", "merger", "startup", "franchise", "audit", "payroll", "pitch",
-                                "rebate", "supplier", "campaign", "ledger", "refund", "shipment", "lease", "bonus", "stock"]),
+                                "rebate", "supplier", "campaign", "ledger", "refund", "shipment", "warehouse", "bonus", "stock"]),
 }
 ADJECTIVES = ["herbal", "daily", "cheap", "new", "quick", "premium", "organic", "digital", "local", "custom",
               "basic", "silver", "green", "smart", "modern", "classic", "rapid", "golden", "bold", "simple",
               "coastal", "lunar", "amber", "velvet", "arctic", "hollow"]
 N_HELDOUT_WORDS = 4  # the last 4 topic words per domain and the last 4 adjectives are held out
+_train_words = {w for _, words in DOMAIN_WORDS.values() for w in words[:-N_HELDOUT_WORDS]}
+assert not _train_words & {w for _, words in DOMAIN_WORDS.values() for w in words[-N_HELDOUT_WORDS:]}, \
+    "a held-out topic word is a training word of another domain"
 SYLLABLES = ["ka", "lo", "mi", "ren", "tos", "vel", "dra", "bu", "ni", "sha", "por", "zel", "tim", "ga",
              "ro", "fe", "lin", "mar", "qui", "so", "den", "pa", "jo", "wen"]
 
