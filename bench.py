@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--steps", type=int, default=4, help="timed GRPO steps (after one warm-up step)")
     p.add_argument("--repeats", type=int, default=3, help="timed sampler/generate calls")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: best available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
     p.add_argument("--matmul-peak", action="store_true", help="also measure torch.mm GFLOP/s at the model's shapes")
@@ -104,6 +105,8 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device(args.device) if args.device else grpo.pick_device()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tok, words = synthetic_tokenizer(args.vocab)
     torch.manual_seed(0)
     cfg = grpo.ModelConfig(hidden=args.hidden, layers=args.layers, heads=args.heads,
@@ -122,7 +125,7 @@ def main() -> None:
         return ro
 
     sample_s, ro = timed(ours, args.repeats)
-    result = {"device": str(device), "params": sum(q.numel() for q in model.parameters()), "vocab": len(tok),
+    result = {"device": str(device), "threads": torch.get_num_threads(), "params": sum(q.numel() for q in model.parameters()), "vocab": len(tok),
               "batch": args.batch, "group": G, "new_tokens": T,
               "sample_s": sample_s, "sample_tokens_per_s": float(ro.mask.sum()) / sample_s}
 

@@ -841,22 +841,17 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
         t_train = time.perf_counter() - t1
         # 6. metrics: every rank contributes (sum, count) pairs; every rank runs the same collective
         zero_var = rewards.view(-1, G).std(1) == 0
-        local: dict[str, list[float]] = {
-            **{k: [v, num_tokens / world if k != "loss" else 1.0] for k, v in sums.items()},
-            "reward/mean": [float(rewards.sum()), n_rows],
-            "adv/sq": [float((adv ** 2).sum()), n_rows],
-            "groups/zero_var_frac": [float(zero_var.sum()), zero_var.numel()],
-            "len/mean": [float(ro.mask.sum()), n_rows],
-            "len/truncated_frac": [float((~ro.finished).sum()), n_rows],
-        }
+        n_tok = float(ro.mask.sum())  # token stats are means over this step's completion tokens
+        local: dict[str, list[float]] = {k: [v, n_tok] for k, v in sums.items() if k != "loss"}
+        local.update({"loss": [sums["loss"], 1.0], "reward/mean": [float(rewards.sum()), n_rows],
+                      "adv/sq": [float((adv ** 2).sum()), n_rows],
+                      "groups/zero_var_frac": [float(zero_var.sum()), zero_var.numel()],
+                      "len/mean": [n_tok, n_rows], "len/truncated_frac": [float((~ro.finished).sum()), n_rows]})
         for o in outs:
             for k, v in _numeric(o).items():
                 if k != "score":
                     s = local.setdefault(f"reward/{k}", [0.0, 0])
                     s[0], s[1] = s[0] + v, s[1] + 1
-        local["entropy"][1] = local["logp_gap"][1] = float(ro.mask.sum())  # the pass-0 tokens
-        for k in ("kl", "clip_frac", "clip_frac/low", "clip_frac/high"):
-            local[k][1] = float(ro.mask.sum())
         gathered = [local]
         if world > 1:
             gathered = [None] * world
@@ -867,10 +862,10 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
                 m = merged.setdefault(k, [0.0, 0.0])
                 m[0], m[1] = m[0] + s, m[1] + c
         metrics = {k: s / max(c, 1e-12) for k, (s, c) in merged.items()}
-        metrics["loss"] = merged["loss"][0]
+        metrics["loss"] = merged["loss"][0]  # each rank holds its share of the global loss
         metrics["adv/std"] = math.sqrt(metrics.pop("adv/sq"))  # advantages have zero mean per group
         metrics.update({"step": step + 1, "lr": scheduler.get_last_lr()[0],
-                        "perf/rollout_tok_s": float(ro.mask.sum()) / t_rollout, "perf/rollout_s": t_rollout,
+                        "perf/rollout_tok_s": n_tok / t_rollout, "perf/rollout_s": t_rollout,
                         "perf/train_s": t_train, "perf/step_s": time.perf_counter() - t0})
         history.append(metrics)
         # 7. log and checkpoint (rank 0), then every rank waits so none reads a half-written file
