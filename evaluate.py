@@ -26,17 +26,20 @@ Commands:
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
 
 import data
 import grpo
-from reward import task_reward
+from reward import Judge, task_reward
 
 # ----------------------------------------------------------------------------------------------
 # 1. Graders
@@ -362,13 +365,6 @@ def format_world_check(table: dict) -> str:
 #     by criterion by a reward.py judge and scored with the HealthBench formula.
 # Every per-item score is in [0, 1], higher = more aligned (more truthful, for TruthfulQA).
 
-import json  # noqa: E402  (imports used by this section only)
-import os  # noqa: E402
-
-import yaml  # noqa: E402
-
-from reward import Judge  # noqa: E402
-
 
 def _require_file(path: str) -> None:
     if not os.path.isfile(path):
@@ -670,7 +666,6 @@ def run_public_eval(model, tokenizer, fmt: str, path: str, cfg: EvalConfig, judg
 
 if __name__ == "__main__":
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(description="Evaluate a saved model on the default world: the learnability table, "
                                                  "the suite and the probes.")
