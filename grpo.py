@@ -789,9 +789,7 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
         t_rollout = time.perf_counter() - t0
         n_rows, width = ro.completion.shape
         # 3. rewards, one group at a time
-        lengths = ro.mask.sum(1).long().tolist()
-        texts = [tokenizer.decode(ro.completion[i, :lengths[i]].tolist(), skip_special_tokens=True)
-                 for i in range(n_rows)]
+        texts = decode_completions(tokenizer, ro)
         finished = ro.finished.tolist()
         outs = []
         for g, rec in enumerate(records):
