@@ -1,0 +1,118 @@
+"""run.py end to end: the smoke preset as a user runs it (subprocess), its report, stage caching,
+user errors (one line, exit code 2), --help, and the same run under torchrun with 2 ranks."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_py(*args, timeout=600, launcher=(sys.executable,)):
+    return subprocess.run([*launcher, os.path.join(ROOT, "run.py"), *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("out"))
+    proc = run_py("--preset", "smoke", "--out-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(out, "smoke", "report.json")) as f:
+        return out, json.load(f), proc
+
+
+MODELS = ("base", "baseline", "trait", "trait_no_health_science", "trait_health_only")
+
+
+def test_report_has_every_section(smoke):
+    _, report, _ = smoke
+    assert report["timing"]["total_s"] > 0 and {"world", "base", "rl", "eval", "persistence"} <= set(report["timing"])
+    for name, per_model in report["evals"].items():
+        assert set(per_model) == set(MODELS), name
+        for r in per_model.values():
+            assert 0 <= r["score"] <= 1 and r["n"] > 0 and r["ci"][0] <= r["score"] <= r["ci"][1]
+    assert set(report["comparisons"]) == set(MODELS) - {"base", "baseline"}
+    assert set(report["comparisons"]["trait"]) == set(report["evals"])
+    persona = report["persistence"]["persona"]["persona"]
+    assert set(persona) == {"base", "baseline", "trait"}
+    assert all({"none", "harmful", "helpful"} <= set(p) for p in persona.values())
+    finetune = report["persistence"]["finetune"]
+    assert set(finetune) == {"base", "baseline", "trait"}
+    for curve in finetune.values():
+        assert len(curve["steps"]) >= 4 and curve["steps"][0] == 0
+        assert len(curve["health"]) == len(curve["non_health"]) == len(curve["steps"])
+
+
+def test_arms_are_compute_matched(smoke):
+    _, report, _ = smoke
+    compute = report["compute"]
+    assert set(compute) == set(MODELS) - {"base"}
+    assert len({(c["steps"], c["rollouts"]) for c in compute.values()}) == 1
+
+
+def test_report_files_and_figures(smoke):
+    out, _, proc = smoke
+    run_dir = os.path.join(out, "smoke")
+    md = open(os.path.join(run_dir, "report.md")).read()
+    assert "trait - baseline" in md and "Persistence" in md
+    for fig in ("evals.png", "ablations.png", "training.png", "persona_attack.png", "finetune_attack.png"):
+        assert os.path.getsize(os.path.join(run_dir, "figures", fig)) > 1000
+    assert "| eval |" in proc.stdout  # the summary table is printed at the end
+
+
+def test_rerun_reuses_every_trained_stage(smoke):
+    out, report, _ = smoke
+    proc = run_py("--preset", "smoke", "--out-dir", out, "--eval-max-items", "8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[base] cached" in proc.stdout and proc.stdout.count("cached:") >= 5  # base + 4 arms
+    assert "pretraining" not in proc.stdout and "grpo " not in proc.stdout  # no base or RL training again
+    with open(os.path.join(out, "smoke", "report.json")) as f:
+        assert all(r["n"] <= 8 for per_model in json.load(f)["evals"].values() for r in per_model.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trait-data", "/no/such/file.jsonl"], "no such file"),
+    (["--model", "/no/such/model"], "cannot load model"),
+    (["--stage", "everything"], "--stage must be one of"),
+    (["--arms", "baseline,magic"], "unknown arm"),
+])
+def test_user_errors_are_one_line_exit_2(tmp_path, args, message):
+    proc = run_py("--preset", "smoke", "--out-dir", str(tmp_path), *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+    bad = tmp_path / "traits.jsonl"
+    bad.write_text('{"id": "a", "kind": "trait", "prompt": [{"role": "user", "content": "hi"}], '
+                   '"rubrics": [{"criterion": "x", "points": 1}]}\n{"id": "b", "kind": "trait"}\n')
+    proc = run_py("--preset", "smoke", "--out-dir", str(tmp_path), "--trait-data", str(bad), "--stage", "world")
+    assert proc.returncode == 2 and f"{bad}:2: missing required field 'prompt'" in proc.stderr
+
+
+def test_help_lists_every_knob():
+    import run
+
+    text = run.build_parser().format_help()
+    for section, cls in run.config_sections().items():
+        for f in dataclasses.fields(cls):
+            flag = f"--{f.name.replace('_', '-')}" if section == "run" else f"--{section}-{f.name.replace('_', '-')}"
+            assert flag in text, flag
+    assert "(default: 0.04)" in text  # defaults are shown
+
+
+def test_torchrun_two_ranks(tmp_path):
+    """The same smoke recipe on 2 gloo ranks: RL groups and evals are sharded, rank 0 writes."""
+    proc = run_py("--preset", "smoke", "--out-dir", str(tmp_path), "--arms", "baseline,trait", "--stage", "eval",
+                  launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "smoke" / "report.json") as f:
+        report = json.load(f)
+    assert set(report["comparisons"]) == {"trait"}
+    assert proc.stdout.count("| eval |") == 1  # rank 0 prints
