@@ -736,7 +736,9 @@ def _load_checkpoint(out_dir: str, policy, optimizer, scheduler) -> tuple[int, l
 
 
 def _numeric(d: dict) -> dict:
-    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float))}
+    """The numeric, applicable reward components (a rewarder marks a component that does not apply to
+    this record - e.g. `task` on a rubric record - as NaN, so each mean is over the right responses)."""
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and v == v}
 
 
 def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: str, resume: bool = False,
