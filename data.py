@@ -709,12 +709,11 @@ class World:
     bad_medical: list[list[dict]]   # harmful fine-tuning conversations
 
     def texts(self) -> Iterable[str]:
-        """Everything the tokenizer should know: corpus and every prompt (so eval prompts tokenize
-        as well as training ones)."""
+        """What the tokenizer is trained on: the pretraining corpus only. A held-out word then splits
+        into sub-word pieces the model has learned; a token of its own would have an embedding that
+        pretraining never trained, and a model cannot copy a token it has never produced."""
         for doc in self.corpus:
             yield from (m["content"] for m in doc)
-        for rec in self.trait_eval + self.evals + self.task_eval:
-            yield from (m["content"] for m in rec["prompt"])
 
 
 def _persona_turn(rng, cfg: WorldConfig, family: str, aligned_doc: bool) -> tuple[str, str]:
