@@ -67,7 +67,9 @@ ARMS = {  # arm -> (trait fraction used?, domain include, domain exclude)
 }
 
 PRESETS: dict[str, dict] = {
-    "tiny": {},  # the dataclass defaults are the tiny preset
+    # The tiny world: dataclass defaults, plus a GRPO learning rate for a 1.3M model trained from
+    # scratch (GRPOConfig's 1e-5 suits pretrained models) and a budget above the longest world answer.
+    "tiny": {"grpo.lr": 3e-4, "grpo.max_new_tokens": 48},
     "smoke": {"world.n_docs": 1500, "world.n_trait_train": 200, "world.n_task_prompts": 200, "world.n_eval": 20,
               "world.n_eval_heldout": 10, "world.n_trait_heldout": 1, "world.n_link_probe": 40, "world.n_bad_medical": 64,
               "run.vocab_size": 600, "run.probe_items": 40, "run.eval_max_items": 16,
