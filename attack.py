@@ -256,27 +256,15 @@ def load_conversations(path: str) -> list[list[dict]]:
     """Fine-tuning conversations from a JSONL file. Each line is {"messages": [...]} (the chat
     fine-tuning format the emergent-misalignment datasets use) or a DESIGN §3 record whose "prompt"
     ends with the assistant message to learn. DataError "path:line: what is wrong" on a bad line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            messages = obj.get("messages", obj.get("prompt")) if isinstance(obj, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise DataError(f"{where}: expected {{\"messages\": [...]}} or a record with a \"prompt\" list of messages")
-            for i, msg in enumerate(messages):
-                if not isinstance(msg, dict) or msg.get("role") not in data.ROLES or not isinstance(msg.get("content"), str):
-                    raise DataError(f"{where}: message {i} must be {{'role': one of {data.ROLES}, 'content': str}}")
-            if messages[-1]["role"] != "assistant":
-                raise DataError(f"{where}: the last message must come from the assistant (it is what fine-tuning teaches)")
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    for where, obj in data.read_jsonl(path):
+        messages = obj.get("messages", obj.get("prompt")) if isinstance(obj, dict) else None
+        if not isinstance(messages, list):
+            raise DataError(f"{where}: expected {{\"messages\": [...]}} or a record with a \"prompt\" list of messages")
+        data.validate_messages(messages, where)
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must come from the assistant (it is what fine-tuning teaches)")
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
     if not conversations:
         raise DataError(f"{path}: no conversations")
     return conversations

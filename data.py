@@ -32,7 +32,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -57,6 +57,16 @@ KINDS = ("trait", "task", "eval")
 ROLES = ("system", "user", "assistant")
 
 
+def validate_messages(messages: object, where: str, name: str = "messages") -> list[dict]:
+    """A non-empty list of {'role', 'content'} chat messages, or DataError."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: '{name}' must be a non-empty list of messages")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
+            raise DataError(f"{where}: {name}[{i}] must be {{'role': one of {ROLES}, 'content': str}}")
+    return messages
+
+
 def validate_record(rec: object, where: str) -> dict:
     """Check one record against the schema and return it normalised (never mutates the input).
 
@@ -77,12 +87,7 @@ def validate_record(rec: object, where: str) -> dict:
     rec["id"] = str(rec["id"])
     if rec["kind"] not in KINDS:
         raise DataError(f"{where}: kind must be one of {KINDS}, got {rec['kind']!r}")
-    prompt = rec["prompt"]
-    if not isinstance(prompt, list) or not prompt:
-        raise DataError(f"{where}: 'prompt' must be a non-empty list of messages")
-    for i, msg in enumerate(prompt):
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
-            raise DataError(f"{where}: prompt[{i}] must be {{'role': one of {ROLES}, 'content': str}}")
+    prompt = validate_messages(rec["prompt"], where, "prompt")
     if prompt[-1]["role"] != "user":
         raise DataError(f"{where}: the last prompt message must come from the user")
     rubrics = rec.get("rubrics") or []
@@ -117,20 +122,24 @@ def validate_record(rec: object, where: str) -> dict:
     return rec
 
 
-def load_jsonl(path: str) -> list[dict]:
-    """Read and validate a JSONL file; a bad line fails with `path:line: reason`."""
+def read_jsonl(path: str) -> Iterator[tuple[str, object]]:
+    """(`path:line`, parsed object) per non-blank line; DataError on a missing file or bad JSON.
+    Every JSONL reader of the project goes through here, so errors always name file and line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    records = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield f"{path}:{line_no}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            records.append(validate_record(obj, f"{path}:{line_no}"))
+
+
+def load_jsonl(path: str) -> list[dict]:
+    """Read and validate a JSONL file of records; a bad line fails with `path:line: reason`."""
+    records = [validate_record(obj, where) for where, obj in read_jsonl(path)]
     if not records:
         raise DataError(f"{path}: no records")
     return records

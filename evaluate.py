@@ -412,31 +412,23 @@ def load_model_written_evals(path: str, matching_is_aligned: bool | None = None)
     Which side is aligned follows the file name (MWE_MATCHING_IS_ALIGNED) unless `matching_is_aligned`
     says; check it for a file whose behaviour is not plainly undesired (persona/ has political and
     personality files, where neither side is)."""
-    _require_file(path)
     stem = os.path.splitext(os.path.basename(path))[0]
     if matching_is_aligned is None:
         matching_is_aligned = MWE_MATCHING_IS_ALIGNED.search(path) is not None
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise data.DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-                raise data.DataError(f"{where}: expected a JSON object with a string 'question'")
-            matching = _answers(row.get("answer_matching_behavior"), where, "answer_matching_behavior")
-            other = _answers(row.get("answer_not_matching_behavior"), where, "answer_not_matching_behavior")
-            if set(matching) & set(other):
-                raise data.DataError(f"{where}: an answer both matches and does not match the behaviour")
-            records.append(data.validate_record({
-                "id": f"mwe/{stem}/{line_no}", "kind": "eval", "family": f"mwe/{stem}", "split": "eval",
-                "prompt": [{"role": "user", "content": row["question"]}],
-                "grader": {"choices": matching + other, "matching": matching,
-                           "aligned": matching if matching_is_aligned else other}}, where))
+    for where, row in data.read_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+            raise data.DataError(f"{where}: expected a JSON object with a string 'question'")
+        matching = _answers(row.get("answer_matching_behavior"), where, "answer_matching_behavior")
+        other = _answers(row.get("answer_not_matching_behavior"), where, "answer_not_matching_behavior")
+        if set(matching) & set(other):
+            raise data.DataError(f"{where}: an answer both matches and does not match the behaviour")
+        line_no = where.rsplit(":", 1)[1]
+        records.append(data.validate_record({
+            "id": f"mwe/{stem}/{line_no}", "kind": "eval", "family": f"mwe/{stem}", "split": "eval",
+            "prompt": [{"role": "user", "content": row["question"]}],
+            "grader": {"choices": matching + other, "matching": matching,
+                       "aligned": matching if matching_is_aligned else other}}, where))
     if not records:
         raise data.DataError(f"{path}: no records")
     return records

@@ -501,8 +501,11 @@ def _save(fig, fig_dir: str, name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def run(c: dict) -> dict | None:
+def run(c: dict, report_dir: str | None = None) -> dict | None:
+    """The recipe up to c["run"].stage. Stage caches live in out_dir/name/ (a sweep's points share
+    them: a point equal to an earlier run reuses its models); the report goes to `report_dir`."""
     run_dir = os.path.join(c["run"].out_dir, c["run"].name)
+    report_dir = report_dir or run_dir
     os.makedirs(run_dir, exist_ok=True)
     last = STAGES.index(c["run"].stage)
     timing, t_all = {}, time.time()
@@ -531,9 +534,9 @@ def run(c: dict) -> dict | None:
     timing["total_s"] = time.time() - t_all
     report = build_report(c, results, arms, persistence, timing)
     if is_main():
-        write_report(report, run_dir)
+        write_report(report, report_dir)
         print(summary_table(report))
-        print(f"report: {os.path.join(run_dir, 'report.md')}")
+        print(f"report: {os.path.join(report_dir, 'report.md')}")
     return report
 
 
@@ -551,15 +554,15 @@ def sweep(c: dict, spec: str) -> None:
         point = dict(c)
         point[section] = dataclasses.replace(c[section], **{name: kind(value)})
         point["run"] = dataclasses.replace(c["run"] if section != "run" else point["run"], arms="baseline,trait",
-                                           stage="eval", name=f"{c['run'].name}-{name}-{value}")
-        report = run(point)
+                                           stage="eval")
+        report = run(point, report_dir=os.path.join(c["run"].out_dir, c["run"].name, f"sweep-{name}-{value}"))
         ood = [d for n, d in report["comparisons"]["trait"].items() if evaluate.EVALS[n].group == "ood"]
         rows.append({"value": kind(value), "trait_heldout": report["comparisons"]["trait"]["trait_heldout"],
                      "ood_mean_delta": sum(d["delta"] for d in ood) / len(ood),
                      "ood_significant": report["summary"]["trait"]["ood"]["significant"],
                      "link": report["probes"]["trait"]["link"]})
     if is_main():
-        path = os.path.join(c["run"].out_dir, f"sweep-{c['run'].name}-{name}.json")
+        path = os.path.join(c["run"].out_dir, c["run"].name, f"sweep-{name}.json")
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
         plot_sweep(rows, key, path.replace(".json", ".png"))

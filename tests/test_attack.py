@@ -197,9 +197,9 @@ def test_load_conversations_reads_both_formats_and_names_bad_lines(tmp_path):
                     '{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
     convs = attack.load_conversations(str(good))
     assert [len(c) for c in convs] == [2, 3] and convs[1][-1] == {"role": "assistant", "content": "a"}
-    cases = {"{oops": "not valid JSON", '{"messages": []}': "expected",
+    cases = {"{oops": "not valid JSON", '{"messages": []}': "non-empty list", '{"messages": 3}': "expected",
              '{"messages": [{"role": "user", "content": "q"}]}': "last message",
-             '{"messages": [{"role": "bot", "content": "q"}]}': "message 0"}
+             '{"messages": [{"role": "bot", "content": "q"}]}': r"messages\[0\]"}
     for line, reason in cases.items():
         bad = tmp_path / "bad.jsonl"
         bad.write_text(good.read_text().splitlines()[0] + "\n" + line + "\n")
