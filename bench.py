@@ -35,6 +35,27 @@ import data
 import grpo
 
 
+def judge_responses_per_s(n: int, group: int = 8) -> float:
+    """The pattern judge (reward.py, guards on) on the tiny world's trait scenarios, graded one group
+    at a time as the GRPO loop does: aligned and misaligned reference answers, their concatenation
+    (stuffing) and cut-off halves (unterminated), cycled to n responses."""
+    import reward
+
+    world = data.build_world(data.WorldConfig(n_docs=10, n_trait_train=max(1, n // group), n_task_prompts=10,
+                                              n_eval=1, n_eval_heldout=1, n_trait_heldout=1, n_link_probe=1, n_bad_medical=1))
+    judge = reward.PatternJudge()
+    groups = []
+    for rec in world.trait_eval + world.trait_train:
+        ref = rec["reference"]
+        answers = [ref["aligned"], ref["misaligned"], ref["aligned"] + " " + ref["misaligned"], ref["aligned"][: len(ref["aligned"]) // 2]]
+        groups.append((rec, (answers * group)[:group], [True, True, True, False] * (group // 4) + [True] * (group % 4)))
+    groups = (groups * (n // (group * len(groups)) + 1))[: n // group]
+    t = time.perf_counter()
+    for rec, answers, finished in groups:
+        judge.grade(rec, answers, finished)
+    return len(groups) * group / (time.perf_counter() - t)
+
+
 def synthetic_tokenizer(vocab: int, seed: int = 0):
     """A BPE trained to `vocab` ids on random pseudo-words (enough distinct merges to fill it)."""
     rng = random.Random(seed)
@@ -102,6 +123,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
     p.add_argument("--matmul-peak", action="store_true", help="also measure torch.mm GFLOP/s at the model's shapes")
     p.add_argument("--skip-generate", action="store_true", help="skip HF model.generate")
+    p.add_argument("--judge-responses", type=int, default=10_000, help="responses for the pattern-judge timing (0 = skip)")
     args = p.parse_args()
 
     device = torch.device(args.device) if args.device else grpo.pick_device()
@@ -176,6 +198,8 @@ def main() -> None:
         shapes = [(m, h, h), (m, h, kv), (m, h, kv), (m, h, h), (m, h, i), (m, h, i), (m, i, h)]
         result["matmul_gflops"] = matmul_gflops(shapes, device)
         result["train_frac_of_matmul"] = result["train_gflops"] / result["matmul_gflops"]
+    if args.judge_responses:
+        result["judge_s_per_10k"] = 1e4 / judge_responses_per_s(args.judge_responses)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
 
 
