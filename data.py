@@ -3,7 +3,8 @@
 What it does, in execution order:
   1. Errors a user can cause (`UserError`, `DataError`), caught by run.py: one line, exit code 2.
   2. The record schema (DESIGN §3) and its validation; loaders for JSONL files and HF datasets.
-     A real HealthBench line (`prompt`, `rubrics`, `prompt_id`, `example_tags`) loads unchanged.
+     A real HealthBench line (`prompt`, `rubrics`, `prompt_id`, `example_tags`) loads unchanged;
+     GSM8K rows (`question`, `answer` ending "#### 42") load as task records (`load_gsm8k`).
   3. The tokenizer: a byte-level BPE trained with `tokenizers` on the world's corpus, role special
      tokens and a Jinja chat template, saved as a transformers tokenizer so `apply_chat_template`
      works exactly as on a hub model. `encode_chat` gives the assistant-only loss mask for any
@@ -151,13 +152,58 @@ def load_records(source: str, split: str = "train") -> list[dict]:
     if source.endswith(".jsonl") or os.path.exists(source):
         return load_jsonl(source)
     name, _, name_split = source.partition(":")
+    rows = dataset_rows(source, name, None, name_split or split)
+    return [validate_record(row, f"{source}[{i}]") for i, row in enumerate(rows)]
+
+
+def dataset_rows(source: str, name: str, config: str | None, split: str) -> list[dict]:
+    """The rows of a HF dataset (`datasets.load_dataset(name, config, split=split)`); any failure is a
+    DataError naming `source`, what the user typed."""
     try:
         import datasets
 
-        rows = datasets.load_dataset(name, split=name_split or split)
+        return list(datasets.load_dataset(name, config, split=split))
     except Exception as e:  # a hub error is a user error here: wrong name, no network, no access
         raise DataError(f"{source}: cannot load as a file or a HF dataset ({type(e).__name__}: {e})") from None
-    return [validate_record(row, f"{source}[{i}]") for i, row in enumerate(rows)]
+
+
+# GSM8K's instruction. reward.task_reward accepts the bare answer or "Answer: N" and nothing around
+# it (a verifier that searched the text would reward listing candidates), so the prompt asks for the
+# final answer only: a worked solution before "Answer: N" would score 0.
+GSM8K_INSTRUCTION = "Reply with the final answer only, in the form 'Answer: N'."
+
+
+def load_gsm8k(source: str) -> list[dict]:
+    """GSM8K-format math word problems (Cobbe et al. 2021, arXiv:2110.14168) as task records.
+
+    `source` is a JSONL path or a HF dataset `NAME:CONFIG[:SPLIT]` ("openai/gsm8k:main",
+    "openai/gsm8k:main:test"; the split defaults to train). Each row has a `question` and an
+    `answer`, the worked solution ending in "#### 42". A record (kind "task", family "gsm8k") asks
+    the question plus GSM8K_INSTRUCTION; its answer is the number after "####" without thousands
+    commas ("1,234" -> "1234"), which reward.task_reward compares as a number ("Answer: 1234",
+    "1234.0"). A bad row fails with `path:line: reason`.
+    """
+    if source.endswith(".jsonl") or os.path.exists(source):
+        rows, split = read_jsonl(source), "train"
+    else:
+        name, _, rest = source.partition(":")
+        config, _, split = rest.partition(":")
+        split = split or "train"
+        rows = ((f"{source}[{i}]", row) for i, row in enumerate(dataset_rows(source, name, config or None, split)))
+    records = []
+    for where, row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+            raise DataError(f"{where}: a GSM8K row needs string fields 'question' and 'answer'")
+        _, sep, final = row["answer"].rpartition("####")
+        answer = final.strip().replace(",", "")
+        if not sep or not answer:
+            raise DataError(f"{where}: 'answer' must end with '#### <final answer>'")
+        prompt = [{"role": "user", "content": f"{row['question'].strip()}\n\n{GSM8K_INSTRUCTION}"}]
+        records.append(validate_record({"id": f"gsm8k/{split}/{len(records):05d}", "kind": "task", "family": "gsm8k",
+                                        "split": split, "prompt": prompt, "answer": answer}, where))
+    if not records:
+        raise DataError(f"{source}: no records")
+    return records
 
 
 def save_jsonl(records: Iterable[dict], path: str) -> None:

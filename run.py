@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -53,7 +54,7 @@ class RunConfig:
     model: str = ""                 # HF name or local path of the policy; empty = pretrain the tiny model
     judge: str = ""                 # HF name or local path of an LLM rubric judge; empty = pattern judge
     trait_data: str = ""            # JSONL path or HF dataset of trait records (DESIGN §3); empty = the world's
-    task_data: str = ""             # JSONL path or HF dataset of task records; empty = the world's
+    task_data: str = ""             # JSONL path or HF dataset of task records, or gsm8k:PATH_OR_DATASET of GSM8K rows; empty = the world's
     eval_max_items: int = 0         # keep the first n items of each eval (0 = all)
     vocab_size: int = 2000          # BPE vocabulary of the tiny world's tokenizer
     probe_items: int = 200          # items of the link and forced-prefix probes
@@ -76,6 +77,18 @@ PRESETS: dict[str, dict] = {
               "model.hidden": 32, "model.layers": 2, "model.heads": 2, "model.kv_heads": 2, "model.intermediate": 64,
               "sft.steps": 30, "sft.batch_size": 16, "grpo.steps": 4, "grpo.prompts_per_step": 4,
               "grpo.group_size": 4, "grpo.max_new_tokens": 24, "eval.samples_per_item": 1, "eval.max_new_tokens": 24},
+    # A 0.5B-1.5B instruct policy (--model, named by the user: the base stage then loads it, so the
+    # sft and model knobs do not apply) on one 80 GB GPU; the same run scales out with torchrun.
+    "gpu": {
+        "grpo.lr": 1e-6,                # usual for full-weight GRPO at this size; the tiny model's 3e-4 would wreck it
+        "grpo.prompts_per_step": 32,    # 256 rollouts a step: a steadier gradient; divisible by 1, 2, 4 or 8 ranks
+        "grpo.group_size": 8,           # enough samples per prompt for a usable spread of rewards
+        "grpo.max_new_tokens": 256,     # a real model answers in sentences, not in the world's 48 tokens
+        "grpo.micro_batch_size": 8,     # 8 x (prompt + 256) tokens of ~150k-vocabulary logits fit beside the model
+        "grpo.compile": True,           # static KV cache + compiled decode step: sampling is most of a GRPO step
+        "eval.max_new_tokens": 256,     # the training budget, so no eval answer is cut where an RL answer was not
+        "attack.finetune_lr": 1e-5,     # a real model's SFT rate; the tiny model's 1e-3 wrecks any pretrained model
+    },
 }
 
 
@@ -196,8 +209,11 @@ def stage_world(c: dict, run_dir: str):
         records = data.load_records(c["run"].trait_data)
         world.trait_train = [r for r in records if r.get("split", "train") == "train"]
         world.trait_eval = [r for r in records if r.get("split", "train") != "train"] or world.trait_eval
-    if c["run"].task_data:
-        world.task_train = data.load_records(c["run"].task_data)
+    if c["run"].task_data:  # the user's tasks replace the world's RL tasks (the "tasks" eval stays the world's)
+        source = c["run"].task_data
+        gsm8k = source.startswith("gsm8k:")  # explicit: a GSM8K row is not a record, and guessing would hide typos
+        world.task_train = data.load_gsm8k(source.removeprefix("gsm8k:")) if gsm8k else data.load_records(source)
+        log(f"[world] {len(world.task_train)} task records from {source}")
     if c["run"].model:
         return world, None, config_hash(c["world"], c["run"].model)
     key = config_hash(c["world"], c["run"].vocab_size)
@@ -236,8 +252,15 @@ def stage_base(c: dict, run_dir: str, world: data.World, tokenizer, world_key: s
 def make_rewarder(c: dict):
     import reward
 
-    judge = reward.LLMJudge(c["run"].judge) if c["run"].judge else reward.PatternJudge()
-    return reward.Rewarder(judge)
+    return reward.Rewarder(llm_judge(c["run"].judge) if c["run"].judge else reward.PatternJudge())
+
+
+@functools.lru_cache(maxsize=1)
+def llm_judge(name_or_path: str):
+    """The --judge model, loaded once per process: RL rewards and eval grading share it."""
+    import reward
+
+    return reward.LLMJudge(name_or_path)
 
 
 def stage_rl(c: dict, run_dir: str, world: data.World, base_dir: str, base_key: str) -> dict[str, list[str]]:
@@ -277,18 +300,26 @@ def stage_eval(c: dict, run_dir: str, world: data.World, models: dict[str, list[
     suite = evaluate.build_suite(world, max_items=c["run"].eval_max_items or None)
     probe = world.link_probe[:c["run"].probe_items]
     forced = [r for r in world.evals if r["split"] == "eval"][:c["run"].probe_items]
+    # --judge: items with rubrics are graded by the LLM judge instead of their family's pattern grader
+    judge_key = [c["run"].judge] if c["run"].judge else []  # pattern-graded results keep the cache key they had
+    key = config_hash(c["eval"], c["run"].eval_max_items, c["run"].probe_items, c["world"], *judge_key)
+    if c["run"].judge:
+        log(f"[eval] rubric items graded by the LLM judge {c['run'].judge}")
     results = {}
     for name, dirs in models.items():
         results[name] = []
         for d in dirs:
-            cache = os.path.join(d, f"eval-{config_hash(c['eval'], c['run'].eval_max_items, c['run'].probe_items, c['world'])}.json")
+            # a --model base is a hub name or the user's own folder: its results go in the run folder
+            cache = (os.path.join(run_dir, f"eval-base-{config_hash(key, d)}.json") if d == c["run"].model
+                     else os.path.join(d, f"eval-{key}.json"))
             if os.path.isfile(cache):
                 with open(cache) as f:
                     results[name].append(json.load(f))
                 continue
             log(f"[eval] {name}: {d}")
             model, tokenizer = grpo.load_policy(d)
-            res = {"suite": evaluate.run_suite(model, tokenizer, suite, c["eval"], progress=is_main()),
+            judge = llm_judge(c["run"].judge) if c["run"].judge else None
+            res = {"suite": evaluate.run_suite(model, tokenizer, suite, c["eval"], progress=is_main(), judge=judge),
                    "link": evaluate.link_probe(model, tokenizer, probe, c["eval"]),
                    "forced_prefix": evaluate.forced_prefix_probe(model, tokenizer, forced, c["eval"])}
             if is_main():
