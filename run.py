@@ -152,6 +152,8 @@ def resolve_configs(args: argparse.Namespace) -> dict:
         configs[section] = cls(**values)
     if not configs["run"].name:
         configs["run"].name = args.preset
+    if args.preset == "gpu" and not configs["run"].model:
+        raise data.UserError("--preset gpu is for a pretrained policy: name it with --model NAME_OR_PATH")
     if configs["run"].stage not in STAGES:
         raise data.UserError(f"--stage must be one of {', '.join(STAGES)}, got {configs['run'].stage!r}")
     unknown = [a for a in configs["run"].arms.split(",") if a not in ARMS]
@@ -272,7 +274,9 @@ def stage_rl(c: dict, run_dir: str, world: data.World, base_dir: str, base_key: 
             uses_traits, include, exclude = ARMS[arm]
             fraction = c["run"].trait_fraction if uses_traits else 0.0
             cfg = dataclasses.replace(c["grpo"], seed=c["grpo"].seed + seed)
-            arm_dir = os.path.join(run_dir, f"rl-{arm}-s{seed}-{config_hash(base_key, cfg, fraction, include, exclude)}")
+            # the reward and the data are part of what an arm is (only when set: older caches stay valid)
+            extra = [v for v in (c["run"].judge, c["run"].trait_data, c["run"].task_data) if v]
+            arm_dir = os.path.join(run_dir, f"rl-{arm}-s{seed}-{config_hash(base_key, cfg, fraction, include, exclude, *extra)}")
             arms.setdefault(arm, []).append(arm_dir)
             if is_done(arm_dir):
                 log(f"[rl] {arm} seed {seed} cached: {arm_dir}")
