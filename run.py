@@ -50,7 +50,7 @@ class RunConfig:
     stage: str = "report"           # last stage to run: world | base | rl | eval | persistence | report
     seeds: int = 1                  # repeat the RL arms with this many seeds (CIs then cover seeds too)
     arms: str = "baseline,trait,trait_no_health_science,trait_health_only"  # RL arms to train
-    trait_fraction: float = 0.25    # share of RL prompts that are trait scenarios in the trait arms (study: ~5%)
+    trait_fraction: float = 0.05    # share of RL prompts that are trait scenarios in the trait arms (the study: ~5%)
     model: str = ""                 # HF name or local path of the policy; empty = pretrain the tiny model
     judge: str = ""                 # HF name or local path of an LLM rubric judge; empty = pattern judge
     trait_data: str = ""            # JSONL path or HF dataset of trait records (DESIGN §3); empty = the world's
