@@ -251,11 +251,14 @@ def run_suite(model, tokenizer, suite: dict[str, list[dict]], cfg: EvalConfig, s
     front of every prompt through the chat template's system role; `judge` grades the items with
     rubrics (score_items)."""
     model.eval()
-    results = {}
-    for name, items in suite.items():
-        prompts = [([{"role": "system", "content": system_prompt}] if system_prompt else []) + it["prompt"] for it in items]
-        responses = generate_responses(model, tokenizer, prompts, cfg, progress=name if progress else None)
-        results[name] = score_items(items, responses, judge)
+    # one generation pass over the items of every eval: full batches, not one short batch per eval
+    items = [it for its in suite.values() for it in its]
+    prompts = [([{"role": "system", "content": system_prompt}] if system_prompt else []) + it["prompt"] for it in items]
+    responses = generate_responses(model, tokenizer, prompts, cfg, progress="eval suite" if progress else None)
+    results, start = {}, 0
+    for name, its in suite.items():
+        results[name] = score_items(its, responses[start:start + len(its)], judge)
+        start += len(its)
     return results
 
 
