@@ -341,7 +341,9 @@ def stage_persistence(c: dict, run_dir: str, world: data.World, models: dict[str
         with open(cache) as f:
             return json.load(f)
     suite = evaluate.build_suite(world, max_items=c["attack"].max_items or c["run"].eval_max_items or None)
-    result = {"persona": attack.persona_attack(targets, suite, c["eval"], c["attack"], log=log),
+    persona = attack.persona_attack(targets, suite, c["eval"], c["attack"], log=log)
+    # the shape DESIGN §6 fixes for report.json: persistence.persona.<model>.{none, harmful, helpful}
+    result = {"persona": persona["persona"], "selective_persistence": persona.get("selective_persistence"),
               "finetune": attack.finetune_attack(targets, world.bad_medical, suite, c["eval"], c["attack"], log=log)}
     if is_main():
         with open(cache, "w") as f:
@@ -452,10 +454,10 @@ def write_report(report: dict, run_dir: str) -> None:
 
 def persistence_markdown(p: dict) -> str:
     lines = ["| model | none | harmful | helpful | harmful degradation | helpful gain |", "|---|---|---|---|---|---|"]
-    for m, r in p["persona"]["persona"].items():
+    for m, r in p["persona"].items():
         lines.append(f"| {m} | {r['none']:.3f} | {r['harmful']:.3f} | {r['helpful']:.3f} | "
                      f"{fmt_ci(r['harmful_degradation'], 'delta')} | {fmt_ci(r['helpful_gain'], 'delta')} |")
-    sel = p["persona"].get("selective_persistence")
+    sel = p["selective_persistence"]
     if sel:
         lines.append(f"\nTrait - baseline degradation under harmful personas: {fmt_ci(sel['degradation_diff'], 'delta')}; "
                      f"helpful gain difference: {fmt_ci(sel['gain_diff'], 'delta')}.")
@@ -504,7 +506,7 @@ def make_figures(report: dict, fig_dir: str) -> list[str]:
     ax.set_xlabel("GRPO step"), ax.set_ylabel("mean reward"), ax.legend(), ax.set_title("Training reward")
     paths.append(_save(fig, fig_dir, "training.png"))
     if "persistence" in report:
-        persona = report["persistence"]["persona"]["persona"]
+        persona = report["persistence"]["persona"]
         fig, ax = plt.subplots(figsize=(7, 4))
         for i, cond in enumerate(("none", "harmful", "helpful")):
             ax.bar(np.arange(len(persona)) + i * 0.27, [persona[m][cond] for m in persona], 0.27, label=cond)

@@ -38,9 +38,10 @@ def test_report_has_every_section(smoke):
             assert 0 <= r["score"] <= 1 and r["n"] > 0 and r["ci"][0] <= r["score"] <= r["ci"][1]
     assert set(report["comparisons"]) == set(MODELS) - {"base", "baseline"}
     assert set(report["comparisons"]["trait"]) == set(report["evals"])
-    persona = report["persistence"]["persona"]["persona"]
+    persona = report["persistence"]["persona"]
     assert set(persona) == {"base", "baseline", "trait"}
     assert all({"none", "harmful", "helpful"} <= set(p) for p in persona.values())
+    assert {"degradation_diff", "gain_diff"} <= set(report["persistence"]["selective_persistence"])
     finetune = report["persistence"]["finetune"]
     assert set(finetune) == {"base", "baseline", "trait"}
     for curve in finetune.values():
