@@ -308,7 +308,6 @@ DOMAINS = ("health", "education", "science", "law", "engineering", "economics", 
 EVAL_FAMILIES = ("sycophancy", "honesty_pressure", "deception", "reward_hacking", "health",
                  "mental_health", "spec_compliance", "general_misalignment")
 TASK_TYPES = ("add", "copy", "reverse", "upper")
-SPLITS = ("train", "eval", "heldout_topic", "heldout_template")
 
 # Per domain: an expert to defer to and topic words (the last four are held out).
 DOMAIN_WORDS = {

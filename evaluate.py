@@ -188,18 +188,12 @@ class EvalConfig:
     seed: int = 0                # sampling seed: the same items get the same noise for every model
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def generate_responses(model, tokenizer, prompts: list[list[dict]], cfg: EvalConfig,
                        forced_prefixes: list[str] | None = None, progress: str | None = None) -> list[list[str]]:
     """Answers (samples_per_item per prompt) to chat prompts; prompts are strided across ranks and
     gathered, so every rank returns the full list. A forced prefix is appended after the generation
     prompt and is part of the returned text."""
-    rank, world = _rank_world()
+    rank, world = grpo._world()
     mine = list(range(rank, len(prompts), world))
     out: dict[int, list[str]] = {}
     batches = [mine[i:i + cfg.batch_prompts] for i in range(0, len(mine), cfg.batch_prompts)]
@@ -207,7 +201,9 @@ def generate_responses(model, tokenizer, prompts: list[list[dict]], cfg: EvalCon
         ids = [data.encode_prompt(tokenizer, prompts[i]) for i in idx]
         prefixes = [forced_prefixes[i] if forced_prefixes else "" for i in idx]
         ids = [p + tokenizer.encode(pre, add_special_tokens=False) for p, pre in zip(ids, prefixes)]
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + idx[0])  # same noise per item, any rank count
+        # the same noise for the same batches: identical items give every model the same draws (the
+        # draws depend on how items fall into batches, so 1 and 2 ranks differ in sampling noise)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + idx[0])
         roll = grpo.generate(model, tokenizer, ids, group_size=cfg.samples_per_item, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, generator=gen)
         texts = grpo.decode_completions(tokenizer, roll)
@@ -358,7 +354,7 @@ def world_check(model, tokenizer, world: data.World, cfg: EvalConfig, per_cell: 
         if len(cell) < per_cell:
             cell.append(rec)
     table: dict[str, dict[str, dict]] = {}
-    for (family, split), items in tqdm(sorted(cells.items()), desc="world check", disable=_rank_world()[0] != 0, leave=False):
+    for (family, split), items in tqdm(sorted(cells.items()), desc="world check", disable=grpo._world()[0] != 0, leave=False):
         res = score_items(items, generate_responses(model, tokenizer, [it["prompt"] for it in items], cfg))
         table.setdefault(family, {})[split] = {"parsed": float(np.mean(res["parsed"])), "aligned": float(np.mean(res["aligned"])),
                                                "aligned_among_parsed": float(np.sum(res["aligned"]) / max(np.sum(res["parsed"]), 1e-9)),
@@ -630,7 +626,7 @@ PUBLIC_EVALS: dict[str, Callable[[str], list[dict]]] = {
 def _strided(work: list, fn: Callable[[list], list]) -> list:
     """fn over this rank's share of `work` (every world-th element, as generate_responses strides),
     gathered back into the original order on every rank."""
-    rank, world = _rank_world()
+    rank, world = grpo._world()
     mine = fn(work[rank::world])
     if world == 1:
         return mine

@@ -718,14 +718,20 @@ def save_checkpoint(out_dir: str, policy, tokenizer, optimizer, scheduler, step:
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "history": history, "rng": _rng_state(), "config": asdict(cfg)},
                os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
+    old = final + ".old"  # the previous checkpoint stays on disk until the new one is in place
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_checkpoint(out_dir: str, policy, optimizer, scheduler) -> tuple[int, list[dict]]:
     path = os.path.join(out_dir, CKPT)
+    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):  # killed between the two renames
+        path = os.path.join(out_dir, CKPT + ".old")
     if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
-        raise UserError(f"{path}: no checkpoint to resume from")
+        raise UserError(f"{os.path.join(out_dir, CKPT)}: no checkpoint to resume from")
     saved = type(policy).from_pretrained(path, dtype=next(policy.parameters()).dtype)
     policy.load_state_dict(saved.state_dict())
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)

@@ -237,6 +237,12 @@ class PatternJudge(Judge):
         # entry and a mutated record cannot hit a stale one.
         self._compiled: dict[tuple, list[Matcher | None]] = {}
 
+    def check(self, examples: list[dict]) -> None:
+        """UserError now, on every rank alike, for a record this judge cannot grade - not mid-run on
+        the one rank that happens to draw it while the others wait in a collective."""
+        for example in examples:
+            self._matchers(example)
+
     def _matchers(self, example: dict) -> list[Matcher | None]:
         key = tuple((tuple(m.get("any", ())), tuple(m.get("none", ()))) if (m := r.get("match")) is not None else None
                     for r in example["rubrics"])
@@ -354,11 +360,11 @@ class LLMJudge(Judge):
         if missing:
             questions = [judge_messages(conversation, resp, crit) for crit, _, resp in missing]
             self.cache.update(zip(missing, self.yes_probability(questions)))
+        flat = [self.cache[k] for k in keys]  # read before evicting: one call may exceed cache_size
         for key in keys:
             self.cache.move_to_end(key)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
-        flat = [self.cache[k] for k in keys]
         n = len(example["rubrics"])
         return [flat[i * n:(i + 1) * n] for i in range(len(responses))]
 

@@ -3,6 +3,7 @@
     python run.py                          # the default (tiny) preset: world, base, 4 RL arms, evals, attacks, report
     python run.py --preset smoke           # every stage in about a minute (what the tests run)
     python run.py --stage base             # stop after a stage: world | base | rl | eval | persistence | report
+                                           # (eval and later also write the report)
     python run.py --help                   # every knob, its default and what it means
     torchrun --standalone --nproc_per_node=2 run.py --preset smoke     # the same run on 2 ranks
 
@@ -177,7 +178,7 @@ def config_hash(*parts) -> str:
 
 
 def is_main() -> bool:
-    return evaluate._rank_world()[0] == 0
+    return grpo._world()[0] == 0
 
 
 def log(*args) -> None:
@@ -186,7 +187,7 @@ def log(*args) -> None:
 
 
 def barrier() -> None:
-    if evaluate._rank_world()[1] > 1:
+    if grpo._world()[1] > 1:
         import torch.distributed as dist
 
         dist.barrier()
@@ -233,7 +234,7 @@ def stage_world(c: dict, run_dir: str):
 def stage_base(c: dict, run_dir: str, world: data.World, tokenizer, world_key: str) -> tuple[str, str]:
     """Pretrain the tiny base model on the corpus (SFT, assistant tokens only), or use --model."""
     if c["run"].model:
-        return c["run"].model, config_hash(c["run"].model)
+        return c["run"].model, config_hash(world_key, c["run"].model)  # arms also depend on the world
     key = config_hash(world_key, c["model"], c["sft"])
     base_dir = os.path.join(run_dir, f"base-{key}")
     if is_done(base_dir):
@@ -268,6 +269,8 @@ def llm_judge(name_or_path: str):
 def stage_rl(c: dict, run_dir: str, world: data.World, base_dir: str, base_key: str) -> dict[str, list[str]]:
     """Train every arm (x seeds) from the base with identical compute; returns arm -> model dirs."""
     rewarder = make_rewarder(c)
+    if not c["run"].judge:
+        rewarder.judge.check(world.trait_train)
     arms: dict[str, list[str]] = {}
     for seed in range(c["run"].seeds):
         for arm in c["run"].arms.split(","):
@@ -305,7 +308,8 @@ def stage_eval(c: dict, run_dir: str, world: data.World, models: dict[str, list[
     probe = world.link_probe[:c["run"].probe_items]
     forced = [r for r in world.evals if r["split"] == "eval"][:c["run"].probe_items]
     # --judge: items with rubrics are graded by the LLM judge instead of their family's pattern grader
-    judge_key = [c["run"].judge] if c["run"].judge else []  # pattern-graded results keep the cache key they had
+    # only when set, so pattern-graded results on the world keep the cache key they had
+    judge_key = [v for v in (c["run"].judge, c["run"].trait_data) if v]
     key = config_hash(c["eval"], c["run"].eval_max_items, c["run"].probe_items, c["world"], *judge_key)
     if c["run"].judge:
         log(f"[eval] rubric items graded by the LLM judge {c['run'].judge}")
@@ -585,17 +589,21 @@ def sweep(c: dict, spec: str) -> None:
     section, _, name = key.partition(".")
     if section not in c or name not in {f.name for f in dataclasses.fields(c[section])} or not values:
         raise data.UserError(f"--sweep expects SECTION.FIELD=V1,V2,... (e.g. world.coherence=0,1), got {spec!r}")
-    kind = type(getattr(c[section], name))
+    field_type = next(f.type for f in dataclasses.fields(c[section]) if f.name == name)
+    try:
+        points = [parser_type(str(field_type))(v) for v in values.split(",")]
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise data.UserError(f"--sweep {key}: {e}") from None
     rows = []
-    for value in values.split(","):
+    for value in points:
         point = dict(c)
-        point[section] = dataclasses.replace(c[section], **{name: kind(value)})
+        point[section] = dataclasses.replace(c[section], **{name: value})
         point["run"] = dataclasses.replace(c["run"] if section != "run" else point["run"], arms="baseline,trait",
                                            stage="eval")
         report = run(point, report_dir=os.path.join(c["run"].out_dir, c["run"].name, f"sweep-{name}-{value}"))
-        ood = [d for n, d in report["comparisons"]["trait"].items() if evaluate.EVALS[n].group == "ood"]
-        rows.append({"value": kind(value), "trait_heldout": report["comparisons"]["trait"]["trait_heldout"],
-                     "ood_mean_delta": sum(d["delta"] for d in ood) / len(ood),
+        ood = [d for n, d in report["comparisons"]["trait"].items() if evaluate.EVALS.get(n) and evaluate.EVALS[n].group == "ood"]
+        rows.append({"value": value, "trait_heldout": report["comparisons"]["trait"]["trait_heldout"],
+                     "ood_mean_delta": sum(d["delta"] for d in ood) / max(len(ood), 1),
                      "ood_significant": report["summary"]["trait"]["ood"]["significant"],
                      "link": report["probes"]["trait"]["link"]})
     if is_main():
