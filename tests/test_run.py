@@ -81,6 +81,8 @@ def test_rerun_reuses_every_trained_stage(smoke):
     (["--model", "/no/such/model"], "cannot load model"),
     (["--stage", "everything"], "--stage must be one of"),
     (["--arms", "baseline,magic"], "unknown arm"),
+    (["--sweep", "world.coherence=abc"], "--sweep world.coherence"),
+    (["--sweep", "world.nothing=1"], "--sweep expects"),
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, args, message):
     proc = run_py("--preset", "smoke", "--out-dir", str(tmp_path), *args)
