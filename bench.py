@@ -152,7 +152,7 @@ def main() -> None:
               "sample_s": sample_s, "sample_tokens_per_s": float(ro.mask.sum()) / sample_s}
 
     if not args.skip_generate:
-        ids, attn = grpo.left_pad(prompts, tok.pad_token_id, device)
+        ids, attn = data.left_pad(prompts, tok.pad_token_id, device)
 
         def hf():
             out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,

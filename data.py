@@ -279,6 +279,20 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     return list(enc["input_ids"]), mask
 
 
+def left_pad(prompts: list[list[int]], pad_id: int, device=None):
+    """(ids, attention mask) of token-id lists padded on the left, so every prompt's last token sits
+    in the last column (where generation and a judge's next-token read both start)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Ids that end an assistant turn: EOS plus the chat format's end-of-turn markers if present."""
     ids = {tokenizer.eos_token_id}

@@ -564,7 +564,7 @@ def choice_logprobs(model, tokenizer, items: list[dict], batch_size: int = 64) -
         batch = rows[start:start + batch_size]
         width = max(len(ids) for _, _, ids in batch)
         # Pads are masked out of attention and out of the sum, so any id (0) will do.
-        prompt_ids, prompt_mask = grpo.left_pad([prompts[i] for i, _, _ in batch], 0, device)
+        prompt_ids, prompt_mask = data.left_pad([prompts[i] for i, _, _ in batch], 0, device)
         completion = torch.tensor([ids + [0] * (width - len(ids)) for _, _, ids in batch], device=device)
         mask = torch.tensor([[1.0] * len(ids) + [0.0] * (width - len(ids)) for _, _, ids in batch], device=device)
         input_ids, attention, positions = grpo.sequence_inputs(prompt_ids, prompt_mask, completion, mask)

@@ -426,16 +426,6 @@ def _sample(logits: torch.Tensor, temperature: float, u: torch.Tensor | None) ->
     return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p):] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
              temperature: float, generator: torch.Generator | None = None, greedy: bool = False, *,
@@ -447,7 +437,7 @@ def generate(model, tokenizer, prompts: list[list[int]], group_size: int, max_ne
     decoder (None = whenever the architecture allows). compile: torch.compile the decode step (GPU).
     """
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    prompt_ids, prompt_mask = data.left_pad(prompts, tokenizer.pad_token_id, device)
     B, P = prompt_ids.shape
     N = B * group_size
     if lean is None:

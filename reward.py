@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from data import UserError, encode_prompt
+from data import UserError, encode_prompt, left_pad
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -377,12 +377,9 @@ class LLMJudge(Judge):
         probs = [0.0] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            width = max(len(prompts[i]) for i in rows)
-            # Left padding puts every prompt's last token in the last column. The pad id is never
-            # attended to, so any id (0) works; positions count real tokens only, so a padded row
-            # sees the same positions as the prompt alone.
-            ids = torch.tensor([[0] * (width - len(prompts[i])) + prompts[i] for i in rows], device=device)
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows], device=device)
+            # The pad id is never attended to, so any id (0) works; positions count real tokens only,
+            # so a padded row sees the same positions as the prompt alone.
+            ids, mask = left_pad([prompts[i] for i in rows], 0, device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                 logits_to_keep=1).logits[:, -1].float()
