@@ -99,6 +99,7 @@ import torch.nn.functional as F
 
 import data
 from data import UserError
+from reward import load_chat_model
 
 # ----------------------------------------------------------------------------------------------
 # 1. Device, dtype, distributed
@@ -183,23 +184,9 @@ def load_policy(name_or_path: str, device: torch.device | str | None = None):
     """(model, tokenizer) from a local directory or a HF hub name. The weights stay fp32 (AdamW
     state and updates in fp32; bf16 comes from autocast). UserError on a bad name or a tokenizer
     without a chat template (GRPO here trains on conversations)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except Exception as e:  # hub/network/path errors all mean "cannot load what the user named"
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"cannot load model {name_or_path!r}: {type(e).__name__}: {first_line}") from None
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"{name_or_path}: tokenizer has no chat template; use a chat/instruct model "
-                        "(prompts are conversations)")
+    model, tokenizer = load_chat_model(name_or_path, torch.float32)
     if tokenizer.pad_token is None:  # pads are always masked, any id will do
         tokenizer.pad_token = tokenizer.eos_token
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-    except Exception as e:
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"cannot load model {name_or_path!r}: {type(e).__name__}: {first_line}") from None
     model.to(device or pick_device())
     return model, tokenizer
 

@@ -313,18 +313,27 @@ def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], lis
     return yes, no
 
 
-def load_judge(name_or_path: str, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """A judge model and tokenizer by hub name or local path; load failures are user errors."""
+def load_chat_model(name_or_path: str, dtype: torch.dtype, what: str = "model"):
+    """(model, tokenizer) of a chat LM by hub name or local path - the one loader of the judge and
+    of the policy (grpo.load_policy). Any load failure (bad path, hub, network) and a tokenizer
+    without a chat template are user errors: prompts here are conversations."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def fail(e: Exception) -> UserError:
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        return UserError(f"cannot load {what} {name_or_path!r}: {type(e).__name__}: {first_line}")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"judge {name_or_path}: cannot load ({first_line})") from None
-    return model.to(device).eval(), tokenizer
+    except Exception as e:
+        raise fail(e) from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{what} {name_or_path}: the tokenizer has no chat template; use a chat (instruction-tuned) model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except Exception as e:
+        raise fail(e) from None
+    return model, tokenizer
 
 
 class LLMJudge(Judge):
@@ -342,7 +351,8 @@ class LLMJudge(Judge):
         super().__init__(guards if guards is not None else GuardConfig(contradiction=False, form=False))
         if isinstance(model, str):
             device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            model, tokenizer = load_judge(model, device)
+            model, tokenizer = load_chat_model(model, torch.bfloat16 if device.type == "cuda" else torch.float32, "judge")
+            model = model.to(device)
         if tokenizer is None:
             raise ValueError("LLMJudge(model) needs its tokenizer when given a model object")
         if not tokenizer.chat_template:
