@@ -4,7 +4,8 @@ Builds a random-init Llama of the given shape (untied head, like a default Llama
 tokenizer trained on synthetic text to the given vocab size, then measures on the same batch of B
 prompts x G samples x new tokens:
   sample_tokens_per_s    grpo.generate (prefill once per prompt, cached batched decode)
-  generate_tokens_per_s  HF model.generate (num_return_sequences=G, pure sampling: top_k=0, top_p=1)
+  generate_tokens_per_s  HF model.generate (num_return_sequences=G, pure sampling: top_k=0, top_p=1),
+                         timed alternately with the sampler (`timed`), speedup = their ratio
   step_s                 median wall time of a whole GRPO step (rollout, reward, ref + policy
                          forward/backward, optimizer) with beta (0.04 by default)
   train_gflops           achieved GFLOP/s of the training phase: FLOPs counted as 2 per parameter
@@ -12,6 +13,19 @@ prompts x G samples x new tokens:
                          head only on completion tokens (logits_to_keep); attention scores ignored
   matmul_gflops          (--matmul-peak) torch.mm at the model's own linear shapes, the ceiling
                          train_gflops should be read against
+  decode_bytes_per_token_step  bytes one decode step (one new token for all B*G rows) must read:
+                         every weight but the embedding (of which only B*G rows are gathered) -
+                         linear layers, norms, lm_head - plus the KV cache of all rows at the average
+                         valid cache length (mean prompt + half the decoded tokens), in the decode
+                         dtype (bf16 under autocast). The static cache in fact spans prompt + new
+                         tokens on every step; only the valid columns are counted
+  decode_bw_gbs          decode_bytes_per_token_step x decode steps per second of our sampler, the
+                         decode phase alone: sample_s minus the same call with one new token
+                         (prefill + first sample), over the decode steps taken
+  peak_bw_gbs            a large tensor copy on the same device (1 GiB on GPUs, 256 MiB on CPU),
+                         read + write bytes over the median time; bw_frac = decode_bw_gbs / it
+                         (decoding is memory-bound: this is its roofline)
+  spec_bw_gbs            CUDA only: the card's datasheet bandwidth (None for a card not in the table)
 Tokens counted are real sampled tokens (a row stops at its end-of-turn token, a random model rarely).
 
 Commands:
@@ -77,15 +91,18 @@ def make_prompts(tok, words, n: int, target_tokens: int, seed: int = 1) -> list[
     return prompts
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Median seconds of `repeats` calls after one warm-up call, and the last result."""
-    out = fn()
-    times = []
+def timed(*fns, repeats: int) -> list[tuple[float, object]]:
+    """(median seconds, last result) of each function: one warm-up call each, then `repeats` rounds
+    calling them in turn, so that on a shared, noisy machine two compared functions see the same
+    load (a ratio of side-by-side medians is far steadier than a ratio of separate runs)."""
+    outs = [fn() for fn in fns]
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - t)
+    return [(statistics.median(ts), out) for ts, out in zip(times, outs)]
 
 
 def matmul_gflops(shapes: list[tuple[int, int, int]], device: torch.device, repeats: int = 20) -> float:
@@ -99,7 +116,36 @@ def matmul_gflops(shapes: list[tuple[int, int, int]], device: torch.device, repe
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return flops / timed(run, repeats)[0] / 1e9
+    return flops / timed(run, repeats=repeats)[0][0] / 1e9
+
+
+# Datasheet memory bandwidth in GB/s by torch.cuda.get_device_name()
+SPEC_BW_GBS = {"NVIDIA H100 80GB HBM3": 3350, "NVIDIA H100 PCIe": 2000, "NVIDIA H200": 4800,  # H100 SXM: "80GB HBM3"
+               "NVIDIA A100-SXM4-80GB": 2039, "NVIDIA A100-PCIE-40GB": 1555, "NVIDIA L4": 300, "NVIDIA A10": 600,
+               "NVIDIA GeForce RTX 4090": 1008}
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int, repeats: int = 5) -> float:
+    """GB/s of one large device-to-device tensor copy, read + write bytes over the median time."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+
+    def run():
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * nbytes / timed(run, repeats=repeats)[0][0] / 1e9
+
+
+def decode_bytes_per_step(model, rows: int, cache_len: float, dtype: torch.dtype) -> int:
+    """Bytes one decode step reads (module docstring): the weights of the blocks, the final norm and
+    the head, and the K and V of `rows` rows at `cache_len` positions, in `dtype`."""
+    cfg = model.config
+    weights = sum(p.numel() for m in (model.model.layers, model.model.norm, model.lm_head) for p in m.parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * rows * cfg.num_key_value_heads * head_dim * cache_len
+    return round((weights + kv) * dtype.itemsize)
 
 
 def main() -> None:
@@ -117,7 +163,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=16, help="GRPO micro-batch (completions)")
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--steps", type=int, default=4, help="timed GRPO steps (after one warm-up step)")
-    p.add_argument("--repeats", type=int, default=3, help="timed sampler/generate calls")
+    p.add_argument("--repeats", type=int, default=5, help="timed sampler/generate calls (alternating)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: best available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
@@ -146,22 +192,21 @@ def main() -> None:
         sync()
         return ro
 
-    sample_s, ro = timed(ours, args.repeats)
+    ids, attn = data.left_pad(prompts, tok.pad_token_id, device)
+
+    def hf():
+        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, max_new_tokens=T, num_return_sequences=G,
+                             eos_token_id=data.stop_token_ids(tok), pad_token_id=tok.pad_token_id)
+        sync()
+        return out
+
+    (sample_s, ro), *gen = timed(ours, *([] if args.skip_generate else [hf]), repeats=args.repeats)
     result = {"device": str(device), "threads": torch.get_num_threads(), "params": sum(q.numel() for q in model.parameters()), "vocab": len(tok),
               "batch": args.batch, "group": G, "new_tokens": T,
               "sample_s": sample_s, "sample_tokens_per_s": float(ro.mask.sum()) / sample_s}
-
-    if not args.skip_generate:
-        ids, attn = data.left_pad(prompts, tok.pad_token_id, device)
-
-        def hf():
-            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
-                                 top_p=1.0, max_new_tokens=T, num_return_sequences=G,
-                                 eos_token_id=data.stop_token_ids(tok), pad_token_id=tok.pad_token_id)
-            sync()
-            return out
-
-        gen_s, out = timed(hf, args.repeats)
+    if gen:
+        gen_s, out = gen[0]
         n_tok = int((out[:, ids.shape[1]:] != tok.pad_token_id).sum())
         result.update(generate_s=gen_s, generate_tokens_per_s=n_tok / gen_s,
                       speedup=result["sample_tokens_per_s"] / (n_tok / gen_s))
@@ -198,6 +243,23 @@ def main() -> None:
         shapes = [(m, h, h), (m, h, kv), (m, h, kv), (m, h, h), (m, h, i), (m, h, i), (m, i, h)]
         result["matmul_gflops"] = matmul_gflops(shapes, device)
         result["train_frac_of_matmul"] = result["train_gflops"] / result["matmul_gflops"]
+
+    def prefill():  # the sampler call with one new token: the prefill and the first sample, no decode step
+        grpo.generate(model, tok, prompts, G, 1, 1.0, generator=torch.Generator(device=device).manual_seed(0),
+                      compile=args.compile)
+        sync()
+
+    prefill_s = timed(prefill, repeats=args.repeats)[0][0]
+    decode_steps = ro.completion.shape[1] - 1  # the first token comes from the prefill's logits
+    with grpo.autocast(device):  # the dtype the decode reads weights and cache in
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.dtype
+    cache_len = float(ro.prompt_mask.sum(1).float().mean()) + (decode_steps + 1) / 2
+    result["decode_bytes_per_token_step"] = decode_bytes_per_step(model, ro.completion.shape[0], cache_len, dtype)
+    result["decode_bw_gbs"] = result["decode_bytes_per_token_step"] * decode_steps / (sample_s - prefill_s) / 1e9
+    result["peak_bw_gbs"] = copy_bandwidth_gbs(device, 2 ** 28 if device.type == "cpu" else 2 ** 30)
+    result["bw_frac"] = result["decode_bw_gbs"] / result["peak_bw_gbs"]
+    if device.type == "cuda":
+        result["spec_bw_gbs"] = SPEC_BW_GBS.get(torch.cuda.get_device_name(device))
     if args.judge_responses:
         result["judge_s_per_10k"] = 1e4 / judge_responses_per_s(args.judge_responses)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))

@@ -10,8 +10,9 @@
 #   2. python bench.py --device cuda             our sampler vs model.generate, GRPO step time (eager)
 #   3. python bench.py --device cuda --compile   the same with a static KV cache + compiled decode step
 #   4. python run.py --preset smoke              every stage of the experiment on the GPU, from scratch
-# and last a table: device, sampler vs generate tokens/s, GRPO step time, smoke wall time, read from
-# bench.py's final JSON line.
+# and last a table: device, sampler vs generate tokens/s, GRPO step time, the decode's memory
+# bandwidth against a measured copy and the datasheet, smoke wall time, read from bench.py's final
+# JSON line.
 set -euo pipefail
 cd "$(dirname "$0")"
 LOG_DIR="${GPU_CHECK_DIR:-/tmp/gpu_check}"
@@ -49,14 +50,16 @@ import json, sys
 log_dir, smoke_s = sys.argv[1], sys.argv[2]
 print()
 print("device:", open(f"{log_dir}/cuda.log").read().strip().splitlines()[-1])
-print("| bench.py (default shape) | sampler tok/s | model.generate tok/s | speedup | GRPO step_s |")
-print("|---|---|---|---|---|")
+print("| bench.py (default shape) | sampler tok/s | model.generate tok/s | speedup | GRPO step_s"
+      " | decode GB/s | copy GB/s | decode / copy | datasheet GB/s |")
+print("|---|---|---|---|---|---|---|---|---|")
 for name in ("eager", "compile"):
     lines = open(f"{log_dir}/bench_{name}.log").read().strip().splitlines()
     try:
         r = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
         sys.exit(f"FAILED: the last line of {log_dir}/bench_{name}.log is not bench.py's JSON line")
-    print(f"| {name} | {r['sample_tokens_per_s']:.0f} | {r['generate_tokens_per_s']:.0f} | {r['speedup']:.1f}x | {r['step_s']:.3f} |")
+    print(f"| {name} | {r['sample_tokens_per_s']:.0f} | {r['generate_tokens_per_s']:.0f} | {r['speedup']:.1f}x | {r['step_s']:.3f}"
+          f" | {r['decode_bw_gbs']:.0f} | {r['peak_bw_gbs']:.0f} | {r['bw_frac']:.0%} | {r.get('spec_bw_gbs') or 'unknown'} |")
 print(f"smoke preset (run.py --preset smoke, every stage): {smoke_s} s wall")
 EOF

@@ -67,6 +67,12 @@ Distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE. Each rank samples its sha
 the DAPO token count is all-reduced, the loss is scaled by world_size (DDP averages gradients),
 micro-steps before the last run under `no_sync`, every rank runs the same collectives, rank 0 prints
 and checkpoints. One step on N ranks equals one step on one rank with the same global batch.
+`fsdp=True` (for a model whose weights, grads and AdamW state do not fit on one GPU) shards policy
+and reference with FSDP2 instead of DDP: each decoder block and the root is an all-gather unit,
+gradients are reduce-scattered (averaged, like DDP) every micro-batch, the rollout gathers the full
+weights for the sampler and frees them after, a checkpoint gathers the full model and optimizer
+state to rank 0. `gradient_checkpointing=True` recomputes each block's activations in the backward
+(~30% more compute) when long completions do not fit; the two combine.
 
 Checkpoints (`out_dir/checkpoint/`): the model via `save_pretrained` (safetensors) + tokenizer, and
 `trainer_state.pt` with optimizer, LR schedule, step (= the sampler position: samplers are
@@ -77,6 +83,7 @@ Commands:
   python grpo.py                                    # demo: tiny model, SFT, a few GRPO steps (CPU)
   python run.py ...                                 # the experiment (one GPU: same command)
   torchrun --standalone --nproc_per_node=N run.py ... # DDP, N processes (GPUs or CPU/gloo)
+  torchrun --standalone --nproc_per_node=N run.py ... --grpo-fsdp true --grpo-gradient-checkpointing true
   python bench.py --device cpu                      # throughput
 """
 from __future__ import annotations
@@ -89,6 +96,7 @@ import os
 import random
 import shutil
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -211,7 +219,7 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
                         n_completion: int, temperature: float, with_entropy: bool = False):
     """Log-prob (at `temperature`) of the last `n_completion` tokens of each row, shape (N, T); and
     the per-token entropy (no grad) if asked. Called through the DDP wrapper when there is one."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                    logits_to_keep=n_completion + 1).logits[:, :-1].float() / temperature
     targets = input_ids[:, -n_completion:]
     # gather - logsumexp instead of log_softmax: no (N, T, V) log-prob tensor is kept for backward
@@ -252,72 +260,125 @@ def _lean_supported(model, max_len: int) -> bool:
             and (window is None or window >= max_len))
 
 
-def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """HF's RMSNorm, read from its module: normalise in fp32, scale in the input dtype (one fused op)."""
-    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype)
+def _cat_bias(*layers) -> torch.Tensor | None:
+    return None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+def _fused_layer(layer) -> dict[str, torch.Tensor | None]:
+    """One decoder layer's weights in decode layout: q|k|v and gate|up concatenated (7 matmuls become
+    4), each RMSNorm scale folded into the matmul after it (norm(x) * w @ W.T == norm(x) @ (W * w).T),
+    the attention scale into W_q (into Qwen3's q-norm instead: a norm would undo it on W_q)."""
+    a, m = layer.self_attn, layer.mlp
+    q_scale = 1.0 if hasattr(a, "q_norm") else a.scaling
+    w = {"qkv": torch.cat([a.q_proj.weight * q_scale, a.k_proj.weight, a.v_proj.weight]) * layer.input_layernorm.weight,
+         "qkv_bias": None if a.q_proj.bias is None else torch.cat([a.q_proj.bias * q_scale, a.k_proj.bias, a.v_proj.bias]),
+         "o": a.o_proj.weight, "o_bias": a.o_proj.bias,
+         "gate_up": torch.cat([m.gate_proj.weight, m.up_proj.weight]) * layer.post_attention_layernorm.weight,
+         "gate_up_bias": _cat_bias(m.gate_proj, m.up_proj), "down": m.down_proj.weight, "down_bias": m.down_proj.bias}
+    if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
+        w.update(q_norm=a.q_norm.weight * a.scaling, k_norm=a.k_norm.weight)
+    return w
 
 
-def _linear(x: torch.Tensor, layer) -> torch.Tensor:
-    return F.linear(x, layer.weight, layer.bias)
+class _LeanWeights:
+    """A Llama-family model's weights laid out for the lean decoder (gpt-fast style), stored in the
+    compute dtype (bf16 under autocast, which would cast them anyway). Built once per model and
+    refreshed in place at every `generate` call, so the buffers keep their addresses while the policy
+    trains (a CUDA graph of the compiled decode step stays valid). At the tiny world's shapes a decode
+    step costs more in per-op overhead than in matmuls, so every op saved is speed."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        attn, cfg = model.model.layers[0].self_attn, model.config
+        self.dtype, self.head_dim = dtype, attn.head_dim
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.eps = model.model.norm.variance_epsilon
+        self.qk_eps = attn.q_norm.variance_epsilon if hasattr(attn, "q_norm") else None
+        self.layers, self.head = self._fresh(model)
+
+    def _fresh(self, model) -> tuple[list[dict], dict]:
+        cast = lambda t: None if t is None else t.detach().to(self.dtype)  # noqa: E731
+        layers = [{k: cast(v) for k, v in _fused_layer(layer).items()} for layer in model.model.layers]
+        head = {"weight": cast(model.lm_head.weight * model.model.norm.weight), "bias": cast(model.lm_head.bias)}
+        return layers, head
+
+    @torch.no_grad()
+    def refresh(self, model) -> None:
+        layers, head = self._fresh(model)
+        for mine, new in zip([*self.layers, self.head], [*layers, head]):
+            for k, t in new.items():
+                if t is not None:
+                    mine[k].copy_(t)
 
 
-def _rope_tables(model, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of positions 0..length-1, (length, head_dim), from the model's own rotary module
-    (rope_theta and any static scaling type), computed once per generate call."""
+_lean_weights: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its _LeanWeights
+
+
+def lean_weights(model, dtype: torch.dtype) -> _LeanWeights:
+    w = _lean_weights.get(model)
+    if w is None or w.dtype != dtype or w.head["weight"].device != model.lm_head.weight.device:
+        w = _lean_weights[model] = _LeanWeights(model, dtype)
+    else:
+        w.refresh(model)
+    return w
+
+
+def _rope_tables(model, w: _LeanWeights, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin of positions 0..length-1 for every head of the fused q|k|v output,
+    (length, heads + 2 kv_heads, head_dim): RoPE on q and k, the identity (cos 1, sin 0) on v, so
+    one `x * cos + roll(x) * sin` rotates a whole qkv row. From the model's own rotary module
+    (rope_theta and any static scaling type), once per generate call."""
     pos = torch.arange(length, device=device)[None]
-    cos, sin = model.model.rotary_emb(model.model.embed_tokens.weight[:1], pos)
-    return cos[0], sin[0]
+    cos, sin = (t[0].float() for t in model.model.rotary_emb(model.model.embed_tokens.weight[:1], pos))
+    half = w.head_dim // 2
+    sin = torch.cat((-sin[:, :half], sin[:, half:]), -1)  # roll(x) = (x2, x1); rotate_half(x) = (-x2, x1)
+    rotated, plain = w.heads + w.kv_heads, w.kv_heads
+    cos = torch.cat((cos[:, None].expand(-1, rotated, -1), torch.ones_like(cos)[:, None].expand(-1, plain, -1)), 1)
+    sin = torch.cat((sin[:, None].expand(-1, rotated, -1), torch.zeros_like(sin)[:, None].expand(-1, plain, -1)), 1)
+    return cos.to(w.dtype), sin.to(w.dtype)
 
 
-def _lean_forward(model, ids: torch.Tensor, pos: torch.Tensor, rope: tuple, attend: Callable) -> torch.Tensor:
-    """The decoder of a Llama-family HF model as plain tensor ops on its own weights; returns the
-    logits of the last column. `attend(layer, q, k, v)` owns the KV cache and the attention."""
-    base = model.model
-    x = F.embedding(ids, base.embed_tokens.weight)
-    cos, sin = rope[0][pos].unsqueeze(1), rope[1][pos].unsqueeze(1)  # (rows, 1, S, D): broadcast over heads
-    for i, layer in enumerate(base.layers):
-        a = layer.self_attn
-        h = _rms_norm(x, layer.input_layernorm)
-        shape = (*ids.shape, -1, a.head_dim)
-        q, k, v = _linear(h, a.q_proj).view(shape), _linear(h, a.k_proj).view(shape), _linear(h, a.v_proj).view(shape)
-        if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
-            q, k = _rms_norm(q, a.q_norm), _rms_norm(k, a.k_norm)
-        q, k = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin)
-        o = attend(i, q, k, v.transpose(1, 2))
-        x = x + _linear(o.transpose(1, 2).reshape(*ids.shape, -1), a.o_proj)
-        h = _rms_norm(x, layer.post_attention_layernorm)
-        m = layer.mlp
-        x = x + _linear(F.silu(_linear(h, m.gate_proj)) * _linear(h, m.up_proj), m.down_proj)
-    return _linear(_rms_norm(x[:, -1], base.norm), model.lm_head)
+def _lean_forward(w: _LeanWeights, embed: torch.Tensor, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  attend: Callable) -> torch.Tensor:
+    """The decoder of a Llama-family model as plain tensor ops on its fused weights; returns the
+    logits of the last column. cos/sin: (rows, S, heads + 2 kv_heads, head_dim) at each token's
+    position. `attend(layer, q, k, v)` owns the KV cache and the attention (q, k, v: (rows, heads, S, D))."""
+    x = F.embedding(ids, embed)  # the residual stream stays in the weights' dtype, as in HF
+    H, KV, half = w.heads, w.kv_heads, w.head_dim // 2
+    for i, L in enumerate(w.layers):
+        h = F.rms_norm(x, x.shape[-1:], eps=w.eps)  # the norm's scale lives in L["qkv"]
+        qkv = F.linear(h, L["qkv"], L["qkv_bias"]).unflatten(-1, (H + 2 * KV, w.head_dim))
+        if "q_norm" in L:
+            q, k, v = qkv.split((H, KV, KV), -2)
+            q, k = F.rms_norm(q, q.shape[-1:], L["q_norm"], w.qk_eps), F.rms_norm(k, k.shape[-1:], L["k_norm"], w.qk_eps)
+            qkv = torch.cat((q, k, v), -2)
+        qkv = torch.addcmul(qkv * cos, qkv.roll(half, -1), sin).transpose(1, 2)  # RoPE on q and k, v unchanged
+        o = attend(i, qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:])
+        x = x + F.linear(o.transpose(1, 2).flatten(2), L["o"], L["o_bias"])
+        gate, up = F.linear(F.rms_norm(x, x.shape[-1:], eps=w.eps), L["gate_up"], L["gate_up_bias"]).chunk(2, -1)
+        x = x + F.linear(F.silu(gate) * up, L["down"], L["down_bias"])
+    return F.linear(F.rms_norm(x[:, -1], x.shape[-1:], eps=w.eps), w.head["weight"], w.head["bias"])
 
 
-def _decode_step(model, rope, k_cache, v_cache, tok, pos, col, valid) -> torch.Tensor:
+def _decode_step(w, embed, cos, sin, k_cache, v_cache, tok, pos, col, key_bias) -> torch.Tensor:
     """One token for every row: write its k/v at column `col` of the static cache, attend over the
-    whole cache under the `valid` mask (static shapes, so torch.compile/CUDA graphs can capture it;
-    on CPU slicing off the unwritten columns measured no faster)."""
+    whole cache with the additive `key_bias` (0 on valid columns, -inf elsewhere; static shapes, so
+    torch.compile/CUDA graphs can capture it; on CPU slicing off the unwritten columns measured no
+    faster)."""
     n_rows = tok.shape[0]
 
     def attend(i, q, k, v):
-        k_cache[i].index_copy_(2, col, k.to(k_cache.dtype))
-        v_cache[i].index_copy_(2, col, v.to(v_cache.dtype))
-        kc, vc = k_cache[i], v_cache[i]
-        heads, kv_heads = q.shape[1], kc.shape[1]
+        k_cache[i].index_copy_(3, col, k.transpose(-1, -2))
+        v_cache[i].index_copy_(2, col, v)
+        heads, kv_heads = q.shape[1], k.shape[1]
         # grouped-query attention without copying the cache: the query heads that share a kv head
         # become that head's `groups` query rows (HF's repeat_kv order: head h uses kv head h // groups)
-        qg = q.reshape(n_rows, kv_heads, heads // kv_heads, q.shape[-1]).to(kc.dtype)
-        # plain matmul attention: for one query per row CPU SDPA's flash kernel is ~10x slower, and on
-        # GPU inductor fuses these few ops anyway
-        scores = (qg @ kc.transpose(-1, -2)) * model.model.layers[i].self_attn.scaling
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        o = torch.softmax(scores.float(), -1).to(vc.dtype) @ vc
-        return o.reshape(n_rows, heads, 1, q.shape[-1])
+        qg = q.reshape(n_rows, kv_heads, heads // kv_heads, q.shape[-1])
+        # plain matmul attention (the scale is folded into W_q): for one query per row CPU SDPA's flash
+        # kernel is ~10x slower, and on GPU inductor fuses these few ops anyway
+        scores = torch.softmax(qg @ k_cache[i] + key_bias, -1, dtype=torch.float32)
+        return (scores.to(v_cache.dtype) @ v_cache[i]).reshape(n_rows, heads, 1, q.shape[-1])
 
-    return _lean_forward(model, tok[:, None], pos[:, None], rope, attend)
+    return _lean_forward(w, embed, tok[:, None], cos[pos][:, None], sin[pos][:, None], attend)
 
 
 _compiled_decode_step = None
@@ -327,25 +388,32 @@ class _LeanDecoder:
     """Prefill once per prompt, then decode N = B*G rows against a preallocated (static) KV cache."""
 
     def __init__(self, model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, compile: bool):
-        self.model, self.group_size, self.prompt_ids, self.prompt_mask = model, group_size, prompt_ids, prompt_mask
-        cfg, n_rows, P = model.config, prompt_ids.shape[0] * group_size, prompt_ids.shape[1]
-        attn0 = model.model.layers[0].self_attn
-        kv_heads = cfg.num_key_value_heads
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else attn0.q_proj.weight.dtype
-        shape = (cfg.num_hidden_layers, n_rows, kv_heads, P + max_new_tokens, attn0.head_dim)
+        self.group_size, self.prompt_ids, self.prompt_mask = group_size, prompt_ids, prompt_mask
+        n_rows, P = prompt_ids.shape[0] * group_size, prompt_ids.shape[1]
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else model.lm_head.weight.dtype
+        # compiled: the persistent, refreshed-in-place copy a CUDA graph needs; eager: a transient one
+        # (under FSDP a persistent copy would be a full replica on every rank)
+        self.w = w = lean_weights(model, dtype) if compile else _LeanWeights(model, dtype)
+        self.embed = model.model.embed_tokens.weight
+        shape = (len(w.layers), n_rows, w.kv_heads, P + max_new_tokens, w.head_dim)
         device = prompt_ids.device
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        # K stored transposed, (..., head_dim, columns): q @ K is then a plain matmul (~15% faster on CPU)
+        self.k_cache = torch.zeros(*shape[:3], w.head_dim, P + max_new_tokens, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.valid = torch.zeros(n_rows, P + max_new_tokens, dtype=torch.bool, device=device)
-        self.valid[:, :P] = prompt_mask.bool().repeat_interleave(group_size, 0)
-        self.rope = _rope_tables(model, P + max_new_tokens, device)
+        # additive attention mask over cache columns, (rows, 1, 1, columns): prompt keys from the
+        # padding mask, generated columns opened one per step
+        valid = torch.zeros(n_rows, P + max_new_tokens, dtype=torch.bool, device=device)
+        valid[:, :P] = prompt_mask.bool().repeat_interleave(group_size, 0)
+        self.key_bias = torch.zeros(valid.shape, dtype=torch.float32, device=device).masked_fill(~valid, float("-inf"))[:, None, None]
+        self.cos, self.sin = _rope_tables(model, w, P + max_new_tokens, device)
+        self.cols = torch.arange(P + max_new_tokens, device=device)
         self.step_fn = _decode_step
         if compile:
             global _compiled_decode_step
             if _compiled_decode_step is None:
                 _compiled_decode_step = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
             self.step_fn = _compiled_decode_step
-            for cache in (self.k_cache, self.v_cache, self.valid):  # in-place updates inside a CUDA graph
+            for cache in (self.k_cache, self.v_cache, self.key_bias):  # in-place updates inside a CUDA graph
                 torch._dynamo.mark_static_address(cache)
 
     def prefill(self, positions: torch.Tensor) -> torch.Tensor:
@@ -356,20 +424,19 @@ class _LeanDecoder:
         mask = (causal & key_ok[:, None, :]) | torch.eye(P, dtype=torch.bool, device=key_ok.device)
 
         def attend(i, q, k, v):
-            self.k_cache[i, :, :, :P] = k.repeat_interleave(self.group_size, 0)  # the KV copy to G samples
+            self.k_cache[i, :, :, :, :P] = k.transpose(-1, -2).repeat_interleave(self.group_size, 0)  # the KV copy to G samples
             self.v_cache[i, :, :, :P] = v.repeat_interleave(self.group_size, 0)
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
-                                                  scale=self.model.model.layers[i].self_attn.scaling)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=1.0)  # scale is in W_q
 
-        return _lean_forward(self.model, self.prompt_ids, positions, self.rope, attend).repeat_interleave(
-            self.group_size, 0)
+        return _lean_forward(self.w, self.embed, self.prompt_ids, self.cos[positions], self.sin[positions],
+                             attend).repeat_interleave(self.group_size, 0)
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor, col: int) -> torch.Tensor:
-        self.valid[:, col] = True
-        col_t = torch.tensor([col], device=tok.device)
-        return self.step_fn(self.model, self.rope, self.k_cache, self.v_cache, tok, pos, col_t, self.valid)
+        self.key_bias[..., col] = 0.0
+        return self.step_fn(self.w, self.embed, self.cos, self.sin, self.k_cache, self.v_cache, tok, pos,
+                            self.cols[col:col + 1], self.key_bias)
 
 
 class _HFDecoder:
@@ -401,16 +468,16 @@ class _HFDecoder:
 
 def _sample(logits: torch.Tensor, temperature: float, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token and its log-prob at `temperature`. Inverse-CDF sampling from the uniforms `u` (one per
-    row); greedy (argmax) when u is None."""
-    logp = torch.log_softmax(logits.float() / temperature, -1)
+    row); greedy (argmax) when u is None. log(p[token]) from the softmax itself: one pass over the
+    vocabulary fewer than log_softmax + exp, and the sampled p is never 0 (right=True skips p=0 tokens)."""
+    probs = torch.softmax(logits.float() / temperature, -1)
     if u is None:
-        tok = logp.argmax(-1)
+        tok = probs.argmax(-1, keepdim=True)
     else:
-        cdf = logp.exp().cumsum(-1)
-        # scale u by the total so rounding can never step past the last token; right=True skips p=0 tokens
-        tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-        tok = tok.clamp_max(logits.shape[-1] - 1)
-    return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+        cdf = probs.cumsum(-1)
+        # scale u by the total so rounding can never step past the last token
+        tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp_max_(logits.shape[-1] - 1)
+    return tok.squeeze(-1), probs.gather(-1, tok).log_().squeeze(-1)
 
 
 @torch.no_grad()
@@ -658,6 +725,8 @@ class GRPOConfig:
     seed: int = 0                  # python/numpy/torch seeds and the per-step sampling noise
     compile: bool = False          # torch.compile the decode step (GPU; CUDA graphs over a static cache)
     lean_sampler: bool = True      # the functional decoder for Llama-family weights (False: HF forward)
+    gradient_checkpointing: bool = False  # recompute activations in the backward (~30% more compute): long completions
+    fsdp: bool = False             # torchrun: FSDP2-shard policy, reference, AdamW state; models too big to replicate
 
 
 CKPT = "checkpoint"
@@ -685,15 +754,84 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsdp_units(model) -> list:
+    """The modules `fully_shard` sharded (none for a plain or DDP model)."""
+    if _world()[1] == 1:
+        return []
+    import torch.distributed.fsdp as fsdp
+
+    return [m for m in model.modules() if isinstance(m, getattr(fsdp, "FSDPModule", ()))]  # () before torch 2.6
+
+
+def _fully_shard(model) -> None:
+    """FSDP2: one all-gather unit per decoder block, then the root (embeddings, final norm, head).
+    Every unit reshards after its forward, the root too: the reference never runs the backward in
+    which FSDP would otherwise reshard the root."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise UserError(f"fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}") from None
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise UserError(f"fsdp shards the decoder blocks in model.model.layers; {type(model).__name__} has none")
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)
+
+
+@contextlib.contextmanager
+def _full_weights(model):
+    """FSDP: every unit's full weights for the length of the block. After unshard() each module's
+    .weight is again a plain, full nn.Parameter, which is what the lean sampler reads. Forwards keep
+    them gathered (reshard_after_forward off): the HF fallback decoder runs the model once per token,
+    ranks stop decoding at different steps, so no forward may all-gather. A no-op without FSDP."""
+    units = _fsdp_units(model)
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def _full_state(policy, optimizer=None) -> tuple[dict | None, dict | None]:
+    """(model state, optimizer state) to save. FSDP: gathered from every rank (a collective: call it
+    on all of them) to CPU, full tensors on rank 0, the optimizer's keyed by parameter name.
+    Otherwise (None: save_pretrained reads the model itself, optimizer.state_dict())."""
+    if not _fsdp_units(policy):
+        return None, None if optimizer is None else optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(policy, options=opts),
+            None if optimizer is None else get_optimizer_state_dict(policy, optimizer, options=opts))
+
+
+def save_policy(policy, tokenizer, path: str, state_dict: dict | None = None) -> None:
+    """save_pretrained (safetensors) + the tokenizer, written by rank 0. Call it on every rank: an FSDP
+    policy's full weights are gathered from all of them first (or pass them as `state_dict`)."""
+    if state_dict is None:
+        state_dict = _full_state(policy)[0]
+    if _world()[0] == 0:
+        policy.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(path)
+
+
 def save_checkpoint(out_dir: str, policy, tokenizer, optimizer, scheduler, step: int, history: list[dict],
                     cfg: GRPOConfig) -> None:
-    """Write to a temporary directory, then swap it in: a kill mid-save never loses the last one."""
+    """Call it on every rank (FSDP gathers the full state from all of them); rank 0 writes to a
+    temporary directory, then swaps it in: a kill mid-save never loses the last one."""
+    weights, optim = _full_state(policy, optimizer)
+    if _world()[0] != 0:
+        return
     final, tmp = os.path.join(out_dir, CKPT), os.path.join(out_dir, CKPT + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": history, "rng": _rng_state(), "config": asdict(cfg)},
+    save_policy(policy, tokenizer, tmp, weights)
+    torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "history": history,
+                "rng": _rng_state(), "config": asdict(cfg), "fsdp": weights is not None},
                os.path.join(tmp, "trainer_state.pt"))
     old = final + ".old"  # the previous checkpoint stays on disk until the new one is in place
     shutil.rmtree(old, ignore_errors=True)
@@ -703,19 +841,54 @@ def save_checkpoint(out_dir: str, policy, tokenizer, optimizer, scheduler, step:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(out_dir: str, policy, optimizer, scheduler) -> tuple[int, list[dict]]:
+def _load_checkpoint(out_dir: str, policy, fsdp: bool) -> dict:
+    """Load the saved weights into the (not yet sharded) policy; return the trainer state, whose
+    optimizer state `_load_optimizer` restores once the optimizer exists."""
     path = os.path.join(out_dir, CKPT)
     if not os.path.isfile(os.path.join(path, "trainer_state.pt")):  # killed between the two renames
         path = os.path.join(out_dir, CKPT + ".old")
     if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
         raise UserError(f"{os.path.join(out_dir, CKPT)}: no checkpoint to resume from")
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    if state.get("fsdp", False) != fsdp:  # the two keep the optimizer state in different layouts
+        raise UserError(f"{path} was saved {'with' if state.get('fsdp') else 'without'} FSDP: resume it the same way"
+                        " (--grpo-fsdp under torchrun)")
     saved = type(policy).from_pretrained(path, dtype=next(policy.parameters()).dtype)
     policy.load_state_dict(saved.state_dict())
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return state["step"], state["history"]
+    return state
+
+
+def _load_optimizer(policy, optimizer, saved: dict) -> None:
+    if _fsdp_units(policy):  # full tensors by parameter name; each rank keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(policy, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved)
+
+
+def _checkpointed(policy) -> list:
+    """Turn on HF gradient checkpointing (each decoder block's activations are recomputed in the
+    backward instead of kept); returns the modules whose training mode decides it (`_recompute`)."""
+    # transformers 5 renamed it (the old name warns); the first argument is the checkpoint's kwargs in both
+    enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    return [m for m in policy.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+@contextlib.contextmanager
+def _recompute(modules: list):
+    """HF checkpoints only while those modules are in training mode, and policy.train() would turn on
+    dropout too (the sampler, the old policy and the trainer must be one function): so flip
+    `training` on them alone, for the update only (with it on, older transformers also drop the KV
+    cache the HF fallback sampler asks for)."""
+    for m in modules:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.training = False
 
 
 def _numeric(d: dict) -> dict:
@@ -731,7 +904,8 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
     policy: the INITIAL policy (on its device). The frozen reference is a copy of it (or `ref_model`);
       with resume=True the policy's weights, optimizer, schedule, history and RNG states are then
       replaced by those in out_dir/checkpoint. Under torchrun call init_distributed() first; the
-      policy is wrapped in DDP here. The checkpoint directory must be visible to every rank.
+      policy is wrapped in DDP here, or with cfg.fsdp sharded in place (it stays sharded: save it
+      with `save_policy` on every rank). The checkpoint directory must be visible to every rank.
     sampler: .batch(step, n_prompts, rank, world_size) -> this rank's contiguous share of the step's
       records (each with "prompt" messages); must be deterministic in step.
     rewarder: (record, texts, finished) -> one dict per text with "score" + numeric components.
@@ -748,15 +922,25 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
     ref = ref_model if ref_model is not None else copy.deepcopy(policy)
     ref.eval().requires_grad_(False)
     policy.eval()  # no dropout: the sampler, the old policy and the trainer must be the same function
+    fsdp = cfg.fsdp and world > 1
+    state = _load_checkpoint(out_dir, policy, fsdp) if resume else None
+    checkpointed = _checkpointed(policy) if cfg.gradient_checkpointing else []
+    model = policy
+    if fsdp:  # the frozen reference too: a full replica of it per rank is what FSDP is there to avoid
+        _fully_shard(policy)
+        _fully_shard(ref)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    # after sharding: the optimizer holds each rank's shards
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup, 0, "constant", 1.0))
     start, history = 0, []
-    if resume:
-        start, history = _load_checkpoint(out_dir, policy, optimizer, scheduler)
-    model = policy
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    if state is not None:
+        _load_optimizer(policy, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start, history = state["step"], state["history"]
     G, T = cfg.group_size, cfg.max_new_tokens
     local_prompts = cfg.prompts_per_step // world
     t_run = time.perf_counter()
@@ -769,8 +953,9 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
         prompts = [data.encode_prompt(tokenizer, rec["prompt"]) for rec in records]
         rows = slice(rank * local_prompts * G, (rank + 1) * local_prompts * G)
         noise = _step_noise(cfg.seed, step, cfg.prompts_per_step * G, T)[rows]
-        ro = generate(policy, tokenizer, prompts, G, T, cfg.temperature, noise=noise,
-                      lean=None if cfg.lean_sampler else False, compile=cfg.compile)
+        with _full_weights(policy):
+            ro = generate(policy, tokenizer, prompts, G, T, cfg.temperature, noise=noise,
+                          lean=None if cfg.lean_sampler else False, compile=cfg.compile)
         t_rollout = time.perf_counter() - t0
         n_rows, width = ro.completion.shape
         # 3. rewards, one group at a time
@@ -792,8 +977,10 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
                 "entropy": 0.0, "logp_gap": 0.0}
         for it in range(cfg.num_iterations):
             for j, mb in enumerate(micro):
-                sync = j == len(micro) - 1 or world == 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device):
+                # FSDP reduce-scatters every micro-batch: skipping it (set_requires_gradient_sync) would
+                # keep a full, unsharded gradient on every rank until the last one
+                sync = j == len(micro) - 1 or world == 1 or fsdp
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device), _recompute(checkpointed):
                     logp, entropy = completion_logprobs(model, input_ids[mb], attention[mb], positions[mb], width,
                                                         cfg.temperature, with_entropy=it == 0)
                     mask = ro.mask[mb]
@@ -808,7 +995,7 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
                                             eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
                                             max_new_tokens=T, num_tokens=num_tokens)
                     # dapo is already normalised by the global token count; grpo/dr_grpo by the
-                    # micro-batch's rows -> reweight to the global batch. x world: DDP averages grads.
+                    # micro-batch's rows -> reweight to the global batch. x world: DDP and FSDP average grads.
                     scale = world if cfg.loss_type == "dapo" else (mb.stop - mb.start) / n_rows
                     (loss * scale).backward()
                 if it == cfg.num_iterations - 1:  # report the last pass
@@ -851,7 +1038,7 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
                         "perf/rollout_tok_s": n_tok / t_rollout, "perf/rollout_s": t_rollout,
                         "perf/train_s": t_train, "perf/step_s": time.perf_counter() - t0})
         history.append(metrics)
-        # 7. log and checkpoint (rank 0), then every rank waits so none reads a half-written file
+        # 7. log (rank 0) and checkpoint (rank 0 writes), then every rank waits so none reads a half-written file
         if rank == 0 and cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             eta = (time.perf_counter() - t_run) / (step + 1 - start) * (cfg.steps - step - 1)
             log(f"grpo {step + 1}/{cfg.steps} | reward {metrics['reward/mean']:.3f} | kl {metrics['kl']:.4f}"
@@ -859,8 +1046,7 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
                 f" | {metrics['perf/rollout_tok_s']:,.0f} tok/s | {metrics['perf/step_s']:.2f} s/step"
                 f" | ETA {_fmt_s(eta)}")
         if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == cfg.steps:
-            if rank == 0:
-                save_checkpoint(out_dir, policy, tokenizer, optimizer, scheduler, step + 1, history, cfg)
+            save_checkpoint(out_dir, policy, tokenizer, optimizer, scheduler, step + 1, history, cfg)
             if world > 1:
                 dist.barrier()
     return history

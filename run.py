@@ -291,9 +291,7 @@ def stage_rl(c: dict, run_dir: str, world: data.World, base_dir: str, base_key: 
             t0 = time.time()
             resume = os.path.isdir(os.path.join(arm_dir, "checkpoint"))  # a killed arm continues where it stopped
             history = grpo.train_grpo(policy, tokenizer, sampler, rewarder, cfg, out_dir=arm_dir, resume=resume, log=log)
-            if is_main():
-                policy.save_pretrained(os.path.join(arm_dir, "final"))
-                tokenizer.save_pretrained(os.path.join(arm_dir, "final"))
+            grpo.save_policy(policy, tokenizer, os.path.join(arm_dir, "final"))  # every rank: FSDP gathers the weights
             mark_done(arm_dir, {"history": history, "seconds": time.time() - t0})
     return arms
 

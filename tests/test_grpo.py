@@ -336,3 +336,41 @@ def test_resume_after_kill_reproduces_uninterrupted_run(policy, tmp_path):
         assert torch.equal(a, b)
     assert [h["reward/mean"] for h in hist] == [h["reward/mean"] for h in hist_full]
     assert not torch.equal(next(iter(full.parameters())), next(iter(model.parameters())))
+
+
+def test_gradient_checkpointing_same_steps_and_really_recomputes(policy, tmp_path):
+    """Two GRPO steps with gradient checkpointing end at the same parameters as without it, and it
+    really recomputes: a block runs twice per micro-batch with grad on (forward, backward replay).
+    The HF sampler (lean off) samples the same after the first update: its KV cache survives."""
+    model, tok = policy
+    runs = {}
+    for on in (False, True):
+        m, calls = copy.deepcopy(model), []
+        down = m.model.layers[0].mlp.down_proj  # its forward, wrapped: module hooks do not fire in a replay
+
+        def counted(x, forward=down.forward, calls=calls):
+            calls.append(torch.is_grad_enabled())
+            return forward(x)
+
+        down.forward = counted
+        cfg = grpo_cfg(steps=2, num_iterations=1, lean_sampler=False, gradient_checkpointing=on)
+        hist = grpo.train_grpo(m, tok, FakeSampler(), fake_rewarder, cfg, str(tmp_path / str(on)),
+                               ref_model=copy.deepcopy(model))
+        runs[on] = (m, sum(calls), hist)
+    (plain, n_plain, _), (ckpt, n_ckpt, hist) = runs[False], runs[True]
+    assert n_ckpt == 2 * n_plain > 0
+    for a, b in zip(plain.parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert hist[-1]["logp_gap"] < 1e-4
+    assert not any(m.training for m in ckpt.modules())  # the policy is left in eval mode
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_layout(policy, tmp_path):
+    """FSDP saves the optimizer state by parameter name, DDP and 1 rank by index: no silent mix-up."""
+    model, tok = policy
+    cfg = grpo_cfg(steps=1)
+    grpo.train_grpo(copy.deepcopy(model), tok, FakeSampler(), fake_rewarder, cfg, str(tmp_path))
+    path = tmp_path / "checkpoint" / "trainer_state.pt"
+    torch.save({**torch.load(path, weights_only=False), "fsdp": True}, path)
+    with pytest.raises(UserError, match="saved with FSDP"):
+        grpo.train_grpo(copy.deepcopy(model), tok, FakeSampler(), fake_rewarder, cfg, str(tmp_path), resume=True)
