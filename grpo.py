@@ -1,23 +1,25 @@
-"""grpo.py - the policy: load/init, fast sampling, the SFT loop, the GRPO loop, DDP, checkpoints.
+"""grpo.py - the policy: load/init, fast sampling, the SFT loop, the GRPO loop, DDP/FSDP, checkpoints.
 
 What it does, top to bottom (execution order):
   1. Device and distributed setup: cuda > mps > cpu; bf16 autocast on GPUs that support it, fp32 on
-     CPU; `init_distributed()` under torchrun (gloo on CPU, nccl on GPU).
+     CPU (SFT: bf16 autocast on CPUs with native bf16 too); `init_distributed()` under torchrun
+     (gloo on CPU, nccl on GPU).
   2. The model: `init_tiny_model` (a random-init LlamaForCausalLM for the tiny world) and
      `load_policy` (any HF causal LM with a chat template; the same code path for both).
   3. Trainer log-probs: one full forward of prompt + completion, logits divided by the sampling
      temperature, log-prob of each completion token.
   4. The sampler `generate`: prefill each prompt ONCE, copy its KV cache to its G samples, decode the
      whole batch one token at a time against a preallocated KV cache, stop rows at a stop token.
-     For Llama/Mistral/Qwen2/Qwen3 weights a lean functional decoder (gpt-fast style) reads the HF
-     weights directly: at small shapes HF's per-module overhead (~8 ms per decode step on a laptop
-     CPU) costs more than the matmuls (~2.5 ms). Other architectures use HF's forward with its cache.
-     With `compile=True` (GPU) the decode step is `torch.compile`d against a static cache.
+     For Llama/Mistral/Qwen2/Qwen3 weights a lean functional decoder (gpt-fast style) runs on the HF
+     weights laid out for decoding (q|k|v and gate|up fused, norm scales folded into the matmuls):
+     at small shapes HF's per-module overhead (~8 ms per decode step on a laptop CPU) costs more
+     than the matmuls (~2 ms). Other architectures use HF's forward with its cache. With
+     `compile=True` (GPU) the decode step is `torch.compile`d against a static cache.
      Sampling is inverse-CDF from uniforms drawn per (seed, step, global row), so one step on N ranks
      samples exactly what one step on one rank samples, and a resumed run samples what the
      uninterrupted run sampled.
   5. SFT (`sft`): loss on assistant tokens only, AdamW, warmup + cosine/linear decay, grad clip,
-     length-bucketed batches, deterministic in the seed. Pretrains the tiny base model and is the
+     length-bucketed batches, mixed precision where the hardware has bf16, deterministic in the seed. Pretrains the tiny base model and is the
      harmful fine-tuning attack (same seed -> same data order for any two models; `callback`).
   6. The GRPO math: `group_advantages`, `grpo_loss`.
   7. The GRPO loop `train_grpo`, checkpoints and exact resume.
@@ -122,10 +124,19 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPUs that support it; fp32 elsewhere (CPU bf16 is slow and lossy)."""
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX): ~3x fp32's matmul rate where present,
+    far slower than fp32 where emulated. torch only exposes the check privately, hence getattr."""
+    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def autocast(device: torch.device, cpu_bf16: bool = False):
+    """bf16 autocast on GPUs that support it and, when asked (SFT), on CPUs with native bf16; fp32
+    elsewhere. Weights, gradients and optimizer state stay fp32 either way (mixed precision)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cpu_bf16 and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -535,7 +546,7 @@ def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
 
 @dataclass
 class SFTConfig:
-    steps: int = 2000            # optimizer steps (the tiny base learns the persona link only after ~1,500)
+    steps: int = 1800            # optimizer steps (the tiny base learns the persona link only after ~1,500)
     batch_size: int = 32         # conversations per step
     lr: float = 3e-3             # peak learning rate (3e-3 suits the tiny from-scratch model; ~1e-5 for real ones)
     min_lr_frac: float = 0.1     # final LR as a fraction of the peak (cosine/linear decay)
@@ -548,6 +559,7 @@ class SFTConfig:
     seed: int = 0                # data order; two models with the same seed see the same batches
     log_every: int = 50          # one progress line per this many steps (0 = silent)
     callback_every: int = 0      # call callback(step, model) at step 0 and every this many steps (0 = never)
+    cpu_bf16: bool = True        # bf16 autocast on CPUs with native bf16 (SFT ~1.3x faster on this project's CPU)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_frac: float) -> float:
@@ -598,6 +610,10 @@ def sft(model, tokenizer, conversations: list[list[dict]], cfg: SFTConfig, log=p
         opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.schedule, cfg.min_lr_frac))
     batches = bucketed_batches([len(ids) for ids, _ in examples], cfg.batch_size, cfg.seed)
     pad = tokenizer.pad_token_id
+    amp = autocast(device, cfg.cpu_bf16)
+    attn_impl = model.config._attn_implementation
+    if isinstance(amp, torch.autocast) and amp.device == "cpu":
+        model.set_attn_implementation("eager")  # CPU SDPA's bf16 backward is slower than plain matmuls
     losses, t_start, t_log, tok_log = [], time.perf_counter(), time.perf_counter(), 0
     model.train()
     for step in range(cfg.steps):
@@ -615,7 +631,7 @@ def sft(model, tokenizer, conversations: list[list[dict]], cfg: SFTConfig, log=p
         ids, labels = ids.to(device), labels.to(device)
         # right padding + causal attention: pads sit after every real token, so no attention mask is
         # needed (and SDPA takes its fast is_causal path)
-        with autocast(device):
+        with amp:
             logits = model(input_ids=ids).logits[:, :-1]
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
@@ -636,6 +652,7 @@ def sft(model, tokenizer, conversations: list[list[dict]], cfg: SFTConfig, log=p
     if callback is not None and cfg.callback_every and cfg.steps % cfg.callback_every == 0:
         model.eval()
         callback(cfg.steps, model)
+    model.set_attn_implementation(attn_impl)
     model.eval()
     return losses
 

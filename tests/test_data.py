@@ -333,6 +333,28 @@ def test_training_prompts_never_use_heldout_topic_words(world):
     assert set(used) <= TRAIN_ADJ and len(used) > 10  # the check did see topics
 
 
+def _topics(records):
+    """The topic slot ("{adj} {thing}") of every record of a topic-only family."""
+    return [r["grader"]["facts"][0].split(" ") for r in records if data.FAMILIES[r["family"]]["facts"] == ["topic"]]
+
+
+@pytest.mark.parametrize("open_vocab", [0.0, 0.5])
+def test_open_vocab_topic_words_are_rare_coined_words(open_vocab):
+    w = data.build_world(dataclasses.replace(SMALL, open_vocab=open_vocab))
+    topics = _topics(w.trait_train)
+    words = [word for topic in topics for word in topic]
+    listed = set(data.ADJECTIVES) | {x for _, ws in data.DOMAIN_WORDS.values() for x in ws}
+    coined = [x for x in words if x not in listed]
+    assert abs(len(coined) / len(words) - open_vocab) < 0.05
+    if open_vocab:  # each coined word is rare (a model must copy it, it cannot memorise it) ...
+        assert len(set(coined)) > 0.9 * len(coined)
+        assert all(re.fullmatch("[a-z]{3,7}", x) for x in coined)
+    # ... and held-out items keep the held-out real words only
+    for adj, thing in _topics([r for r in w.trait_eval if r["split"] == "heldout_topic"]):
+        assert adj in HELD_ADJ and thing in set().union(*HELD_THINGS.values())
+    assert not set(coined) & (HELD_ADJ | set().union(*HELD_THINGS.values()))
+
+
 def _starts_with(template, text):
     return re.match(_template_re(template), text) is not None
 
