@@ -307,7 +307,8 @@ class _LeanWeights:
         self.layers, self.head = self._fresh(model)
 
     def _fresh(self, model) -> tuple[list[dict], dict]:
-        cast = lambda t: None if t is None else t.detach().to(self.dtype)  # noqa: E731
+        # always a copy: a view of an fp32 parameter would dangle once FSDP frees the gathered weights
+        cast = lambda t: None if t is None else t.detach().to(self.dtype, copy=True)  # noqa: E731
         layers = [{k: cast(v) for k, v in _fused_layer(layer).items()} for layer in model.model.layers]
         head = {"weight": cast(model.lm_head.weight * model.model.norm.weight), "bias": cast(model.lm_head.bias)}
         return layers, head
