@@ -11,7 +11,9 @@ What it does, in execution order:
      chat template.
   4. The persona world: a deterministic generator of trait scenarios (7 traits x 7 domains),
      verifiable standard tasks, out-of-distribution eval families, persona-written pretraining
-     documents and bad-medical-advice conversations (the harmful fine-tuning set).
+     documents and bad-medical-advice conversations (the harmful fine-tuning set). Held-out splits
+     by template and by topic; half the training topic words are coined (`open_vocab`) so that a
+     model learns to copy the prompt's topic instead of recalling a memorised one.
   5. The mixed sampler: prompt groups drawn with a trait fraction and domain filters,
      deterministic in (seed, step), sharded by whole groups across ranks.
 
