@@ -257,6 +257,22 @@ def test_sft_lowers_loss_deterministically_and_calls_back(tiny_tokenizer):
     assert calls == [0, 20, 40, 0, 20, 40]
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(a, b)
+        assert a.dtype == torch.float32  # bf16 autocast (where the CPU has it) keeps fp32 weights
+    # SFT may switch attention to eager for CPU bf16; the model leaves as it came
+    assert models[0].config._attn_implementation == "sdpa"
+
+
+@pytest.mark.skipif(not grpo.cpu_has_bf16(), reason="this CPU has no native bf16")
+def test_sft_cpu_bf16_learns_like_fp32(tiny_tokenizer):
+    losses = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        m = grpo.init_tiny_model(tiny_tokenizer, grpo.ModelConfig(hidden=32, layers=2, heads=2, kv_heads=2,
+                                                                  intermediate=64, max_positions=128))
+        cfg = grpo.SFTConfig(steps=40, batch_size=8, lr=3e-3, warmup=5, log_every=0, seed=1, cpu_bf16=bf16)
+        losses[bf16] = grpo.sft(m, tiny_tokenizer, CONVS, cfg)
+    assert losses[True] != losses[False]  # the switch really changes the arithmetic ...
+    assert abs(sum(losses[True][-5:]) - sum(losses[False][-5:])) / 5 < 0.1  # ... not the learning
 
 
 def test_load_policy_errors(tmp_path, tiny_model_dir):
