@@ -186,9 +186,9 @@ def main() -> None:
     G, T = args.group, args.new_tokens
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def ours():
-        ro = grpo.generate(model, tok, prompts, G, T, 1.0, generator=torch.Generator(device=device).manual_seed(0),
-                           compile=args.compile)
+    def ours(new_tokens: int = T):
+        ro = grpo.generate(model, tok, prompts, G, new_tokens, 1.0,
+                           generator=torch.Generator(device=device).manual_seed(0), compile=args.compile)
         sync()
         return ro
 
@@ -244,12 +244,8 @@ def main() -> None:
         result["matmul_gflops"] = matmul_gflops(shapes, device)
         result["train_frac_of_matmul"] = result["train_gflops"] / result["matmul_gflops"]
 
-    def prefill():  # the sampler call with one new token: the prefill and the first sample, no decode step
-        grpo.generate(model, tok, prompts, G, 1, 1.0, generator=torch.Generator(device=device).manual_seed(0),
-                      compile=args.compile)
-        sync()
-
-    prefill_s = timed(prefill, repeats=args.repeats)[0][0]
+    # the sampler call with one new token: the prefill and the first sample, no decode step
+    prefill_s = timed(lambda: ours(1), repeats=args.repeats)[0][0]
     decode_steps = ro.completion.shape[1] - 1  # the first token comes from the prefill's logits
     with grpo.autocast(device):  # the dtype the decode reads weights and cache in
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.dtype

@@ -19,8 +19,9 @@ What it does, top to bottom (execution order):
      samples exactly what one step on one rank samples, and a resumed run samples what the
      uninterrupted run sampled.
   5. SFT (`sft`): loss on assistant tokens only, AdamW, warmup + cosine/linear decay, grad clip,
-     length-bucketed batches, mixed precision where the hardware has bf16, deterministic in the seed. Pretrains the tiny base model and is the
-     harmful fine-tuning attack (same seed -> same data order for any two models; `callback`).
+     length-bucketed batches, mixed precision where the hardware has bf16, deterministic in the seed.
+     Pretrains the tiny base model and is the harmful fine-tuning attack (same seed -> same data
+     order for any two models; `callback`).
   6. The GRPO math: `group_advantages`, `grpo_loss`.
   7. The GRPO loop `train_grpo`, checkpoints and exact resume.
 
@@ -307,8 +308,9 @@ class _LeanWeights:
         self.layers, self.head = self._fresh(model)
 
     def _fresh(self, model) -> tuple[list[dict], dict]:
-        # always a copy: a view of an fp32 parameter would dangle once FSDP frees the gathered weights
-        cast = lambda t: None if t is None else t.detach().to(self.dtype, copy=True)  # noqa: E731
+        # a parameter is always copied (a view of an fp32 one would dangle once FSDP frees the gathered
+        # weights); the fused tensors are new already, so they are only cast
+        cast = lambda t: None if t is None else t.detach().to(self.dtype, copy=isinstance(t, torch.nn.Parameter))  # noqa: E731
         layers = [{k: cast(v) for k, v in _fused_layer(layer).items()} for layer in model.model.layers]
         head = {"weight": cast(model.lm_head.weight * model.model.norm.weight), "bias": cast(model.lm_head.bias)}
         return layers, head
