@@ -328,12 +328,34 @@ _lean_weights: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # mode
 
 
 def lean_weights(model, dtype: torch.dtype) -> _LeanWeights:
+    """The model's persistent lean weights for the compiled decoder, refreshed from the model. They
+    are marked static: a CUDA graph reads them in place rather than copying them in at every replay."""
     w = _lean_weights.get(model)
     if w is None or w.dtype != dtype or w.head["weight"].device != model.lm_head.weight.device:
         w = _lean_weights[model] = _LeanWeights(model, dtype)
+        for t in [t for d in [*w.layers, w.head] for t in d.values() if t is not None]:
+            torch._dynamo.mark_static_address(t)
     else:
         w.refresh(model)
     return w
+
+
+_static_caches: dict = {}  # (k shape, dtype, device) -> the compiled decoder's (k_cache, v_cache, key_bias)
+
+
+def static_caches(k_shape: tuple, v_shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+    """KV caches and key bias that keep their addresses across generate calls of one shape, so the
+    CUDA graph captured for that shape is replayed, never re-recorded; zeroed for every call."""
+    key = (k_shape, dtype, str(device))
+    if key not in _static_caches:
+        bufs = (torch.zeros(k_shape, dtype=dtype, device=device), torch.zeros(v_shape, dtype=dtype, device=device),
+                torch.zeros(k_shape[1], 1, 1, k_shape[-1], dtype=torch.float32, device=device))
+        for t in bufs:
+            torch._dynamo.mark_static_address(t)  # updated in place inside the graph
+        _static_caches[key] = bufs
+    for t in _static_caches[key]:
+        t.zero_()
+    return _static_caches[key]
 
 
 def _rope_tables(model, w: _LeanWeights, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,26 +431,31 @@ class _LeanDecoder:
         # (under FSDP a persistent copy would be a full replica on every rank)
         self.w = w = lean_weights(model, dtype) if compile else _LeanWeights(model, dtype)
         self.embed = model.model.embed_tokens.weight
-        shape = (len(w.layers), n_rows, w.kv_heads, P + max_new_tokens, w.head_dim)
+        width = P + max_new_tokens  # cache columns
+        if compile:  # cache widths rounded up to 64 columns: few shapes, each compiled and captured once
+            width = -(-width // 64) * 64
         device = prompt_ids.device
         # K stored transposed, (..., head_dim, columns): q @ K is then a plain matmul (~15% faster on CPU)
-        self.k_cache = torch.zeros(*shape[:3], w.head_dim, P + max_new_tokens, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        k_shape = (len(w.layers), n_rows, w.kv_heads, w.head_dim, width)
+        v_shape = (len(w.layers), n_rows, w.kv_heads, width, w.head_dim)
+        if compile:
+            self.k_cache, self.v_cache, self.key_bias = static_caches(k_shape, v_shape, dtype, device)
+        else:
+            self.k_cache = torch.zeros(k_shape, dtype=dtype, device=device)
+            self.v_cache = torch.zeros(v_shape, dtype=dtype, device=device)
+            self.key_bias = torch.empty(n_rows, 1, 1, width, dtype=torch.float32, device=device)
         # additive attention mask over cache columns, (rows, 1, 1, columns): prompt keys from the
         # padding mask, generated columns opened one per step
-        valid = torch.zeros(n_rows, P + max_new_tokens, dtype=torch.bool, device=device)
-        valid[:, :P] = prompt_mask.bool().repeat_interleave(group_size, 0)
-        self.key_bias = torch.zeros(valid.shape, dtype=torch.float32, device=device).masked_fill(~valid, float("-inf"))[:, None, None]
-        self.cos, self.sin = _rope_tables(model, w, P + max_new_tokens, device)
-        self.cols = torch.arange(P + max_new_tokens, device=device)
+        self.key_bias.fill_(float("-inf"))
+        self.key_bias[:, 0, 0, :P].masked_fill_(prompt_mask.bool().repeat_interleave(group_size, 0), 0.0)
+        self.cos, self.sin = _rope_tables(model, w, width, device)
+        self.cols = torch.arange(width, device=device)
         self.step_fn = _decode_step
         if compile:
             global _compiled_decode_step
             if _compiled_decode_step is None:
                 _compiled_decode_step = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
             self.step_fn = _compiled_decode_step
-            for cache in (self.k_cache, self.v_cache, self.key_bias):  # in-place updates inside a CUDA graph
-                torch._dynamo.mark_static_address(cache)
 
     def prefill(self, positions: torch.Tensor) -> torch.Tensor:
         B, P = self.prompt_ids.shape

@@ -236,6 +236,27 @@ def test_lean_decoder_equals_hf_decoder(policy, kind):
     torch.testing.assert_close(logp * lean.mask, lean.logps, atol=1e-4, rtol=0)
 
 
+def test_compiled_decoder_equals_eager_and_compiles_once(policy):
+    """The GPU path (static caches + torch.compile'd decode step) on CPU: same samples as the eager
+    decoder, one compiled graph for prompts of different lengths (cache widths round up to 64
+    columns), and the persistent weight copy follows the trained weights."""
+    from torch._dynamo.utils import counters
+
+    model, tok = policy
+    model = with_eos_bias(model, tok)
+    prompts = prompts_of(tok, QUESTIONS)
+    counters.clear()
+    for i, batch in enumerate([prompts, [prompts[0], prompts[2], prompts[0]]]):  # two prompt widths
+        noise = torch.rand(12, 16, generator=torch.Generator().manual_seed(i))
+        compiled = grpo.generate(model, tok, batch, 4, 16, 0.8, noise=noise, lean=True, compile=True)
+        eager = grpo.generate(model, tok, batch, 4, 16, 0.8, noise=noise, lean=True)
+        assert torch.equal(compiled.completion, eager.completion)
+        torch.testing.assert_close(compiled.logps, eager.logps, atol=1e-5, rtol=0)
+        with torch.no_grad():  # a training step changes the weights: the next call must see it
+            model.lm_head.weight.mul_(1.5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # SFT and loading
 # ---------------------------------------------------------------------------------------------
