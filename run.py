@@ -18,8 +18,9 @@ The recipe (DESIGN §6):
   5. persistence  persona prompt attacks and harmful fine-tuning (attack.py)
   6. report       out/<run>/report.md, report.json, figures/*.png
 
-Every stage is cached under out/<run>/ by a hash of the config it depends on, so a rerun with a
-changed eval reuses the trained models. Errors a user can cause print one line and exit with 2.
+Every stage is cached under out/<run>/ by a hash of the config and the records it depends on (the
+corpus for the base, the RL records for an arm, the eval items with their graders for the evals), so
+a rerun with a changed eval reuses the trained models, and a changed rubric retrains what it feeds. Errors a user can cause print one line and exit with 2.
 """
 from __future__ import annotations
 
@@ -222,7 +223,8 @@ def stage_world(c: dict, run_dir: str):
         log(f"[world] {len(world.task_train)} task records from {source}")
     if c["run"].model:
         return world, None, config_hash(c["world"], c["run"].model)
-    key = config_hash(c["world"], c["run"].vocab_size)
+    # the corpus itself, not only the config: a change to the world's code must not reuse a stale base
+    key = config_hash(c["world"], c["run"].vocab_size, world.corpus)
     tok_dir = os.path.join(run_dir, f"tokenizer-{key}")
     if not is_done(tok_dir):
         if is_main():
@@ -280,9 +282,9 @@ def stage_rl(c: dict, run_dir: str, world: data.World, base_dir: str, base_key: 
             uses_traits, include, exclude = ARMS[arm]
             fraction = c["run"].trait_fraction if uses_traits else 0.0
             cfg = dataclasses.replace(c["grpo"], seed=c["grpo"].seed + seed)
-            # the reward and the data are part of what an arm is (only when set: older caches stay valid)
-            extra = [v for v in (c["run"].judge, c["run"].trait_data, c["run"].task_data) if v]
-            arm_dir = os.path.join(run_dir, f"rl-{arm}-s{seed}-{config_hash(base_key, cfg, fraction, include, exclude, *extra)}")
+            # the reward and the records themselves are part of what an arm is (a changed rubric retrains)
+            key = config_hash(base_key, cfg, fraction, include, exclude, c["run"].judge, world.trait_train, world.task_train)
+            arm_dir = os.path.join(run_dir, f"rl-{arm}-s{seed}-{key}")
             arms.setdefault(arm, []).append(arm_dir)
             if is_done(arm_dir):
                 log(f"[rl] {arm} seed {seed} cached: {arm_dir}")
@@ -308,10 +310,8 @@ def stage_eval(c: dict, run_dir: str, world: data.World, models: dict[str, list[
     suite = evaluate.build_suite(world, max_items=c["run"].eval_max_items or None)
     probe = world.link_probe[:c["run"].probe_items]
     forced = [r for r in world.evals if r["split"] == "eval"][:c["run"].probe_items]
-    # --judge: items with rubrics are graded by the LLM judge instead of their family's pattern grader
-    # only when set, so pattern-graded results on the world keep the cache key they had
-    judge_key = [v for v in (c["run"].judge, c["run"].trait_data) if v]
-    key = config_hash(c["eval"], c["run"].eval_max_items, c["run"].probe_items, c["world"], *judge_key)
+    # the items themselves (with their graders) and the judge: --judge grades rubric items by the LLM
+    key = config_hash(c["eval"], suite, probe, forced, c["run"].judge)
     if c["run"].judge:
         log(f"[eval] rubric items graded by the LLM judge {c['run'].judge}")
     results = {}
@@ -341,11 +341,11 @@ def stage_eval(c: dict, run_dir: str, world: data.World, models: dict[str, list[
 def stage_persistence(c: dict, run_dir: str, world: data.World, models: dict[str, list[str]]) -> dict:
     """Persona prompt attacks and harmful fine-tuning on base, baseline and trait (first seed)."""
     targets = {name: dirs[0] for name, dirs in models.items() if name in ("base", "baseline", "trait")}
-    cache = os.path.join(run_dir, f"persistence-{config_hash(targets, c['eval'], c['attack'], c['run'].eval_max_items)}.json")
+    suite = evaluate.build_suite(world, max_items=c["attack"].max_items or c["run"].eval_max_items or None)
+    cache = os.path.join(run_dir, f"persistence-{config_hash(targets, c['eval'], c['attack'], suite, world.bad_medical)}.json")
     if os.path.isfile(cache):
         with open(cache) as f:
             return json.load(f)
-    suite = evaluate.build_suite(world, max_items=c["attack"].max_items or c["run"].eval_max_items or None)
     persona = attack.persona_attack(targets, suite, c["eval"], c["attack"], log=log)
     # the shape DESIGN §6 fixes for report.json: persistence.persona.<model>.{none, harmful, helpful}
     result = {"persona": persona["persona"], "selective_persistence": persona.get("selective_persistence"),
