@@ -14,7 +14,9 @@ What it does, top to bottom (execution order):
      weights laid out for decoding (q|k|v and gate|up fused, norm scales folded into the matmuls):
      at small shapes HF's per-module overhead (~8 ms per decode step on a laptop CPU) costs more
      than the matmuls (~2 ms). Other architectures use HF's forward with its cache. With
-     `compile=True` (GPU) the decode step is `torch.compile`d against a static cache.
+     `compile=True` (GPU) the decode step is `torch.compile`d (mode reduce-overhead: CUDA graphs)
+     against KV caches and weight copies that persist across calls, the cache width rounded up to 64
+     columns: a GRPO run compiles and captures a few shapes once, then only replays them.
      Sampling is inverse-CDF from uniforms drawn per (seed, step, global row), so one step on N ranks
      samples exactly what one step on one rank samples, and a resumed run samples what the
      uninterrupted run sampled.
@@ -349,7 +351,7 @@ def static_caches(k_shape: tuple, v_shape: tuple, dtype: torch.dtype, device) ->
     key = (k_shape, dtype, str(device))
     if key not in _static_caches:
         bufs = (torch.zeros(k_shape, dtype=dtype, device=device), torch.zeros(v_shape, dtype=dtype, device=device),
-                torch.zeros(k_shape[1], 1, 1, k_shape[-1], dtype=torch.float32, device=device))
+                torch.zeros(*k_shape[1:3], 1, k_shape[-1], dtype=dtype, device=device))
         for t in bufs:
             torch._dynamo.mark_static_address(t)  # updated in place inside the graph
         _static_caches[key] = bufs
@@ -389,30 +391,37 @@ def _lean_forward(w: _LeanWeights, embed: torch.Tensor, ids: torch.Tensor, cos: 
             qkv = torch.cat((q, k, v), -2)
         qkv = torch.addcmul(qkv * cos, qkv.roll(half, -1), sin).transpose(1, 2)  # RoPE on q and k, v unchanged
         o = attend(i, qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:])
-        x = x + F.linear(o.transpose(1, 2).flatten(2), L["o"], L["o_bias"])
+        x = _add_linear(x, o.transpose(1, 2), L["o"], L["o_bias"])
         gate, up = F.linear(F.rms_norm(x, x.shape[-1:], eps=w.eps), L["gate_up"], L["gate_up_bias"]).chunk(2, -1)
-        x = x + F.linear(F.silu(gate) * up, L["down"], L["down_bias"])
+        x = _add_linear(x, F.silu(gate) * up, L["down"], L["down_bias"])
     return F.linear(F.rms_norm(x[:, -1], x.shape[-1:], eps=w.eps), w.head["weight"], w.head["bias"])
+
+
+def _add_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The residual update x + h @ W.T (+ b) as one GEMM (addmm adds x in the same pass)."""
+    out = torch.addmm(x.reshape(-1, x.shape[-1]), h.reshape(-1, weight.shape[1]), weight.t())
+    return (out if bias is None else out + bias).view(x.shape)
 
 
 def _decode_step(w, embed, cos, sin, k_cache, v_cache, tok, pos, col, key_bias) -> torch.Tensor:
     """One token for every row: write its k/v at column `col` of the static cache, attend over the
-    whole cache with the additive `key_bias` (0 on valid columns, -inf elsewhere; static shapes, so
-    torch.compile/CUDA graphs can capture it; on CPU slicing off the unwritten columns measured no
-    faster)."""
+    whole cache with the additive `key_bias` (rows, kv_heads, 1, columns: 0 on valid columns, -inf
+    elsewhere; static shapes, so torch.compile/CUDA graphs can capture it; on CPU slicing off the
+    unwritten columns measured no faster)."""
     n_rows = tok.shape[0]
 
     def attend(i, q, k, v):
         k_cache[i].index_copy_(3, col, k.transpose(-1, -2))
         v_cache[i].index_copy_(2, col, v)
-        heads, kv_heads = q.shape[1], k.shape[1]
+        heads, kv_heads, D, width = q.shape[1], k.shape[1], q.shape[-1], key_bias.shape[-1]
         # grouped-query attention without copying the cache: the query heads that share a kv head
         # become that head's `groups` query rows (HF's repeat_kv order: head h uses kv head h // groups)
-        qg = q.reshape(n_rows, kv_heads, heads // kv_heads, q.shape[-1])
-        # plain matmul attention (the scale is folded into W_q): for one query per row CPU SDPA's flash
-        # kernel is ~10x slower, and on GPU inductor fuses these few ops anyway
-        scores = torch.softmax(qg @ k_cache[i] + key_bias, -1, dtype=torch.float32)
-        return (scores.to(v_cache.dtype) @ v_cache[i]).reshape(n_rows, heads, 1, q.shape[-1])
+        qg = q.reshape(n_rows * kv_heads, heads // kv_heads, D)
+        # plain matmul attention (the scale is folded into W_q), the mask added inside the matmul
+        # (baddbmm): for one query per row CPU SDPA's flash kernel is ~10x slower
+        scores = torch.baddbmm(key_bias.view(-1, 1, width), qg, k_cache[i].view(-1, D, width))
+        probs = torch.softmax(scores, -1, dtype=torch.float32).to(v_cache.dtype)
+        return torch.bmm(probs, v_cache[i].view(-1, width, D)).view(n_rows, heads, 1, D)
 
     return _lean_forward(w, embed, tok[:, None], cos[pos][:, None], sin[pos][:, None], attend)
 
@@ -443,11 +452,11 @@ class _LeanDecoder:
         else:
             self.k_cache = torch.zeros(k_shape, dtype=dtype, device=device)
             self.v_cache = torch.zeros(v_shape, dtype=dtype, device=device)
-            self.key_bias = torch.empty(n_rows, 1, 1, width, dtype=torch.float32, device=device)
-        # additive attention mask over cache columns, (rows, 1, 1, columns): prompt keys from the
-        # padding mask, generated columns opened one per step
+            self.key_bias = torch.empty(n_rows, w.kv_heads, 1, width, dtype=dtype, device=device)
+        # additive attention mask over cache columns, (rows, kv_heads, 1, columns), in the cache dtype
+        # (baddbmm adds it): prompt keys from the padding mask, generated columns opened one per step
         self.key_bias.fill_(float("-inf"))
-        self.key_bias[:, 0, 0, :P].masked_fill_(prompt_mask.bool().repeat_interleave(group_size, 0), 0.0)
+        self.key_bias[..., :P].masked_fill_(prompt_mask.bool().repeat_interleave(group_size, 0)[:, None, None], 0.0)
         self.cos, self.sin = _rope_tables(model, w, width, device)
         self.cols = torch.arange(width, device=device)
         self.step_fn = _decode_step
@@ -511,7 +520,8 @@ def _sample(logits: torch.Tensor, temperature: float, u: torch.Tensor | None) ->
     """Token and its log-prob at `temperature`. Inverse-CDF sampling from the uniforms `u` (one per
     row); greedy (argmax) when u is None. log(p[token]) from the softmax itself: one pass over the
     vocabulary fewer than log_softmax + exp, and the sampled p is never 0 (right=True skips p=0 tokens)."""
-    probs = torch.softmax(logits.float() / temperature, -1)
+    logits = logits.float()
+    probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, -1)
     if u is None:
         tok = probs.argmax(-1, keepdim=True)
     else:
