@@ -2,6 +2,7 @@
 # gpu_check.sh - everything in beneficial-rl that needs CUDA, checked in one go on one NVIDIA GPU.
 #
 #   bash gpu_check.sh          # ~5 minutes on an H100; full logs in $GPU_CHECK_DIR (default /tmp/gpu_check)
+#   PYTHON=python3 STEP_TIMEOUT=300 bash gpu_check.sh    # another interpreter; each step's time limit (s)
 #
 # What it runs, in order:
 #   1. torch sees a CUDA device (a CPU-only torch wheel or a missing driver fails here), and whether
@@ -21,15 +22,17 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 LOG_DIR="${GPU_CHECK_DIR:-/tmp/gpu_check}"
+PY="${PYTHON:-python}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-600}"  # a hung step (a driver, a compile) is killed and reported
 SMOKE_DIR=/tmp/gpu_smoke
 mkdir -p "$LOG_DIR"
 
 failed=()
-step() {  # step NAME COMMAND...: run COMMAND, its output in $LOG_DIR/NAME.log
+step() {  # step NAME COMMAND...: run COMMAND (at most STEP_TIMEOUT s), its output in $LOG_DIR/NAME.log
     local name=$1 start=$SECONDS
     shift
     echo "== $name (log: $LOG_DIR/$name.log)"
-    "$@" >"$LOG_DIR/$name.log" 2>&1 || {
+    timeout "$STEP_TIMEOUT" "$@" >"$LOG_DIR/$name.log" 2>&1 || {
         echo "FAILED: $name (exit code $?). Last lines of $LOG_DIR/$name.log:" >&2
         tail -n 25 "$LOG_DIR/$name.log" >&2
         failed+=("$name")
@@ -37,7 +40,7 @@ step() {  # step NAME COMMAND...: run COMMAND, its output in $LOG_DIR/NAME.log
     echo "   $((SECONDS - start)) s"
 }
 
-step cuda python -c "
+step cuda "$PY" -c "
 import torch
 assert torch.cuda.is_available(), f'torch {torch.__version__} sees no CUDA device (CPU-only wheel, or no driver?)'
 print(torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda,
@@ -45,17 +48,17 @@ print(torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', tor
 ((${#failed[@]})) && exit 1
 BIG="--hidden 1024 --layers 16 --heads 16 --kv-heads 4 --intermediate 4096 --new-tokens 256 --prompt-tokens 64"
 LOGS=recompiles,perf_hints
-step bench_eager python bench.py --device cuda
-step bench_compile env TORCH_LOGS=$LOGS python bench.py --device cuda --compile
-step bench_big_eager python bench.py --device cuda $BIG
-step bench_big_compile env TORCH_LOGS=$LOGS python bench.py --device cuda --compile $BIG
+step bench_eager "$PY" bench.py --device cuda
+step bench_compile env TORCH_LOGS=$LOGS "$PY" bench.py --device cuda --compile
+step bench_big_eager "$PY" bench.py --device cuda $BIG
+step bench_big_compile env TORCH_LOGS=$LOGS "$PY" bench.py --device cuda --compile $BIG
 rm -rf "$SMOKE_DIR"  # a cached run would time nothing
 start=$SECONDS
-step smoke python run.py --preset smoke --out-dir "$SMOKE_DIR"
+step smoke "$PY" run.py --preset smoke --out-dir "$SMOKE_DIR"
 smoke_s=$((SECONDS - start))
 test -s "$SMOKE_DIR/smoke/report.json" || { echo "FAILED: smoke wrote no $SMOKE_DIR/smoke/report.json" >&2; failed+=(smoke_report); }
 
-python - "$LOG_DIR" "$smoke_s" <<'EOF'
+"$PY" - "$LOG_DIR" "$smoke_s" <<'EOF'
 import json, sys
 
 log_dir, smoke_s = sys.argv[1], sys.argv[2]
