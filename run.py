@@ -282,8 +282,10 @@ def stage_rl(c: dict, run_dir: str, world: data.World, base_dir: str, base_key: 
             uses_traits, include, exclude = ARMS[arm]
             fraction = c["run"].trait_fraction if uses_traits else 0.0
             cfg = dataclasses.replace(c["grpo"], seed=c["grpo"].seed + seed)
-            # the reward and the records themselves are part of what an arm is (a changed rubric retrains)
-            key = config_hash(base_key, cfg, fraction, include, exclude, c["run"].judge, world.trait_train, world.task_train)
+            # the reward and the records it trains on are part of what an arm is (a changed rubric
+            # retrains the trait arms; the baseline never sees a trait record)
+            traits = world.trait_train if fraction else []
+            key = config_hash(base_key, cfg, fraction, include, exclude, c["run"].judge, traits, world.task_train)
             arm_dir = os.path.join(run_dir, f"rl-{arm}-s{seed}-{key}")
             arms.setdefault(arm, []).append(arm_dir)
             if is_done(arm_dir):

@@ -119,3 +119,21 @@ def test_torchrun_two_ranks(tmp_path):
         report = json.load(f)
     assert set(report["comparisons"]) == {"trait"}
     assert proc.stdout.count("| eval |") == 1  # rank 0 prints
+
+
+def test_changed_rubric_retrains_only_the_trait_arms(smoke, tmp_path):
+    """Stages are cached by the records they consume, not only by the config: a changed rubric
+    (here one criterion's points, given as --trait-data) retrains every trait arm and nothing else."""
+    import data
+    import run
+
+    out, _, _ = smoke
+    world = data.build_world(run.resolve_configs(run.build_parser().parse_args(["--preset", "smoke"]))["world"])
+    records = world.trait_train + world.trait_eval
+    records[0] = dict(records[0], rubrics=[dict(records[0]["rubrics"][0], points=4)] + records[0]["rubrics"][1:])
+    path = str(tmp_path / "traits.jsonl")
+    data.save_jsonl(records, path)
+    proc = run_py("--preset", "smoke", "--out-dir", out, "--trait-data", path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[base] cached" in proc.stdout and "[rl] baseline seed 0 cached" in proc.stdout
+    assert all(f"[rl] {arm} seed 0: trait fraction" in proc.stdout for arm in MODELS[2:])
