@@ -343,13 +343,19 @@ def lean_weights(model, dtype: torch.dtype) -> _LeanWeights:
 
 
 _static_caches: dict = {}  # (k shape, dtype, device) -> the compiled decoder's (k_cache, v_cache, key_bias)
+MAX_STATIC_SHAPES = 4  # cache sets kept (rollouts use one or two widths; evals add their batch sizes)
 
 
 def static_caches(k_shape: tuple, v_shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
     """KV caches and key bias that keep their addresses across generate calls of one shape, so the
-    CUDA graph captured for that shape is replayed, never re-recorded; zeroed for every call."""
+    CUDA graph captured for that shape is replayed, never re-recorded; zeroed for every call. The
+    least recently used set goes once MAX_STATIC_SHAPES are held (a real model's set is GBs)."""
     key = (k_shape, dtype, str(device))
-    if key not in _static_caches:
+    if key in _static_caches:
+        _static_caches[key] = _static_caches.pop(key)  # most recently used last
+    else:
+        while len(_static_caches) >= MAX_STATIC_SHAPES:
+            _static_caches.pop(next(iter(_static_caches)))
         bufs = (torch.zeros(k_shape, dtype=dtype, device=device), torch.zeros(v_shape, dtype=dtype, device=device),
                 torch.zeros(*k_shape[1:3], 1, k_shape[-1], dtype=dtype, device=device))
         for t in bufs:

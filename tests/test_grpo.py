@@ -257,6 +257,22 @@ def test_compiled_decoder_equals_eager_and_compiles_once(policy):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_static_caches_keep_addresses_and_evict_the_least_recent():
+    grpo._static_caches.clear()
+    shape = lambda n: ((2, n, 1, 4, 64), (2, n, 1, 64, 4))  # noqa: E731
+    first = grpo.static_caches(*shape(1), torch.float32, "cpu")
+    first[0].fill_(1.0)
+    again = grpo.static_caches(*shape(1), torch.float32, "cpu")
+    assert all(a is b for a, b in zip(first, again)) and not again[0].any()  # same tensors, zeroed
+    for n in range(2, grpo.MAX_STATIC_SHAPES + 1):
+        grpo.static_caches(*shape(n), torch.float32, "cpu")
+    grpo.static_caches(*shape(1), torch.float32, "cpu")  # used again: now the most recent
+    grpo.static_caches(*shape(99), torch.float32, "cpu")  # one too many: shape 2 goes
+    assert len(grpo._static_caches) == grpo.MAX_STATIC_SHAPES
+    assert shape(1)[0] in {k[0] for k in grpo._static_caches} and shape(2)[0] not in {k[0] for k in grpo._static_caches}
+    grpo._static_caches.clear()
+
+
 # ---------------------------------------------------------------------------------------------
 # SFT and loading
 # ---------------------------------------------------------------------------------------------
