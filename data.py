@@ -224,10 +224,15 @@ ROLE_TOKENS = {role: f"<|{role}|>" for role in ROLES}
 SPECIAL_TOKENS = [PAD, BOS, END, *ROLE_TOKENS.values()]
 # Each turn is "<|role|>content<|end|>"; the generation prompt opens an assistant turn, so the
 # model's end-of-turn token is also its EOS. Same shape as ChatML, with shorter markers.
+# An assistant turn's content and end-of-turn marker sit in a {% generation %} block: HF then returns
+# the loss mask with the ids (return_assistant_tokens_mask), one render per conversation.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|assistant|>' }}"
+    "{% generation %}{{ m['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% else %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
@@ -262,11 +267,15 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Ids of a whole conversation and a loss mask that is 1 on assistant content and on the
     end-of-turn token that closes it.
 
-    Works for any chat template by rendering prefixes as text: the span an assistant turn adds is
-    text[len(render(msgs[:i], generation prompt)) : len(render(msgs[:i+1]))], and a token belongs
-    to it when its character offset falls inside. (Diffing token ids of prefixes would break on
-    templates whose BPE merges across a turn boundary.)
+    A template that marks assistant turns with {% generation %} (ours, and some hub models') is
+    rendered once and HF returns the mask. Any other template works by rendering prefixes as text:
+    the span an assistant turn adds is text[len(render(msgs[:i], generation prompt)) :
+    len(render(msgs[:i+1]))], and a token belongs to it when its character offset falls inside.
+    (Diffing token ids of prefixes would break on templates whose BPE merges across a turn boundary.)
     """
+    if _GENERATION_TAG.search(tokenizer.chat_template or ""):
+        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        return list(enc["input_ids"]), list(enc["assistant_masks"])
     render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
     text = render(messages, False)
     spans = []

@@ -1,6 +1,7 @@
 """Tests of data.py: record validation and loaders, the persona world (determinism, splits, held-out
 words and templates, references vs rubrics, persona knobs), standard tasks, the mixed sampler and
 the tokenizer / chat template. All on CPU; a small world is built once per module."""
+import copy
 import dataclasses
 import json
 import os
@@ -718,7 +719,19 @@ def _masked_runs(tok, ids, mask):
     return [tok.decode(r) for r in runs]
 
 
-def test_encode_chat_mask_covers_exactly_assistant_turns(world, tok):
+def _template(tok, kind: str):
+    """Our tokenizer as is ("generation": HF returns the mask), or a copy whose template has the
+    same text but no {% generation %} block ("plain": encode_chat's prefix-rendering route)."""
+    if kind == "generation":
+        return tok
+    plain = copy.deepcopy(tok)
+    plain.chat_template = re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", tok.chat_template)
+    return plain
+
+
+@pytest.mark.parametrize("kind", ["generation", "plain"])
+def test_encode_chat_mask_covers_exactly_assistant_turns(world, tok, kind):
+    tok = _template(tok, kind)
     docs = [d for d in world.corpus if sum(m["role"] == "assistant" for m in d) >= 3][:10]
     docs += [d for d in world.corpus if d[0]["role"] == "system"][:5]
     docs.append([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
@@ -736,8 +749,19 @@ def test_encode_chat_mask_covers_exactly_assistant_turns(world, tok):
         assert ids[0] == tok.bos_token_id and mask[0] == 0
 
 
-def test_encode_chat_assistant_first_turn(tok):
+def test_encode_chat_routes_agree(world, tok):
+    """The one-render route (HF's assistant mask) and the prefix-rendering route give the same ids
+    and mask on every kind of document of the corpus."""
+    plain = _template(tok, "plain")
+    assert "{% generation %}" in tok.chat_template and "{% generation %}" not in plain.chat_template
+    for doc in world.corpus[:300]:
+        assert data.encode_chat(tok, doc) == data.encode_chat(plain, doc)
+
+
+@pytest.mark.parametrize("kind", ["generation", "plain"])
+def test_encode_chat_assistant_first_turn(tok, kind):
     """An assistant turn at position 0 (e.g. a greeting): BOS and the role marker stay unmasked."""
+    tok = _template(tok, kind)
     doc = [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Hi"},
            {"role": "assistant", "content": "Yes"}]
     ids, mask = data.encode_chat(tok, doc)
