@@ -187,10 +187,12 @@ class ModelConfig:
     max_positions: int = 512   # longest sequence (prompt + completion) the model will see
     rope_theta: float = 10000.0  # RoPE base frequency
     tie_embeddings: bool = True  # share the input embedding and the output head (saves vocab x hidden)
+    seed: int = 0              # weight init (the same seed gives the same initial weights in any process)
 
 
 def init_tiny_model(tokenizer, cfg: ModelConfig):
-    """A random-init LlamaForCausalLM sized for `tokenizer` (bos/eos/pad ids taken from it)."""
+    """A random-init LlamaForCausalLM sized for `tokenizer` (bos/eos/pad ids taken from it), its
+    weights drawn from `cfg.seed` without touching the global RNG."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -199,7 +201,9 @@ def init_tiny_model(tokenizer, cfg: ModelConfig):
         max_position_embeddings=cfg.max_positions, rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_embeddings, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return LlamaForCausalLM(config)
 
 
 def load_policy(name_or_path: str, device: torch.device | str | None = None):
