@@ -1,6 +1,7 @@
 """grpo.py: the loss against float64 references, the sampler against full forwards, SFT, load_policy,
 and resume equivalence. All on CPU with tiny models."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -279,6 +280,17 @@ def test_static_caches_keep_addresses_and_evict_the_least_recent():
 
 CONVS = [[{"role": "user", "content": f"What is {a} plus {b}?"},
           {"role": "assistant", "content": f"The answer is {a + b}."}] for a in range(6) for b in range(6)]
+
+
+def test_init_is_seeded_and_leaves_the_global_rng_alone(tiny_tokenizer):
+    cfg = grpo.ModelConfig(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64, max_positions=64)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a, b = grpo.init_tiny_model(tiny_tokenizer, cfg), grpo.init_tiny_model(tiny_tokenizer, cfg)
+    c = grpo.init_tiny_model(tiny_tokenizer, dataclasses.replace(cfg, seed=1))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
 
 
 def test_sft_lowers_loss_deterministically_and_calls_back(tiny_tokenizer):
