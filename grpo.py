@@ -350,24 +350,28 @@ _static_caches: dict = {}  # (k shape, dtype, device) -> the compiled decoder's 
 MAX_STATIC_SHAPES = 4  # cache sets kept (rollouts use one or two widths; evals add their batch sizes)
 
 
+def _kv_buffers(k_shape: tuple, v_shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+    """Zeroed K and V caches and the key bias (rows, kv_heads, 1, columns), which the decoder fills."""
+    return (torch.zeros(k_shape, dtype=dtype, device=device), torch.zeros(v_shape, dtype=dtype, device=device),
+            torch.empty(*k_shape[1:3], 1, k_shape[-1], dtype=dtype, device=device))
+
+
 def static_caches(k_shape: tuple, v_shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
-    """KV caches and key bias that keep their addresses across generate calls of one shape, so the
-    CUDA graph captured for that shape is replayed, never re-recorded; zeroed for every call. The
+    """`_kv_buffers` that keep their addresses across generate calls of one shape, so the CUDA graph
+    captured for that shape is replayed, never re-recorded; the caches are zeroed for every call. The
     least recently used set goes once MAX_STATIC_SHAPES are held (a real model's set is GBs)."""
     key = (k_shape, dtype, str(device))
     if key in _static_caches:
-        _static_caches[key] = _static_caches.pop(key)  # most recently used last
+        _static_caches[key] = bufs = _static_caches.pop(key)  # most recently used last
+        for cache in bufs[:2]:
+            cache.zero_()
     else:
         while len(_static_caches) >= MAX_STATIC_SHAPES:
             _static_caches.pop(next(iter(_static_caches)))
-        bufs = (torch.zeros(k_shape, dtype=dtype, device=device), torch.zeros(v_shape, dtype=dtype, device=device),
-                torch.zeros(*k_shape[1:3], 1, k_shape[-1], dtype=dtype, device=device))
+        _static_caches[key] = bufs = _kv_buffers(k_shape, v_shape, dtype, device)
         for t in bufs:
             torch._dynamo.mark_static_address(t)  # updated in place inside the graph
-        _static_caches[key] = bufs
-    for t in _static_caches[key]:
-        t.zero_()
-    return _static_caches[key]
+    return bufs
 
 
 def _rope_tables(model, w: _LeanWeights, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,12 +461,8 @@ class _LeanDecoder:
         # K stored transposed, (..., head_dim, columns): q @ K is then a plain matmul (~15% faster on CPU)
         k_shape = (len(w.layers), n_rows, w.kv_heads, w.head_dim, width)
         v_shape = (len(w.layers), n_rows, w.kv_heads, width, w.head_dim)
-        if compile:
-            self.k_cache, self.v_cache, self.key_bias = static_caches(k_shape, v_shape, dtype, device)
-        else:
-            self.k_cache = torch.zeros(k_shape, dtype=dtype, device=device)
-            self.v_cache = torch.zeros(v_shape, dtype=dtype, device=device)
-            self.key_bias = torch.empty(n_rows, w.kv_heads, 1, width, dtype=dtype, device=device)
+        buffers = static_caches if compile else _kv_buffers
+        self.k_cache, self.v_cache, self.key_bias = buffers(k_shape, v_shape, dtype, device)
         # additive attention mask over cache columns, (rows, kv_heads, 1, columns), in the cache dtype
         # (baddbmm adds it): prompt keys from the padding mask, generated columns opened one per step
         self.key_bias.fill_(float("-inf"))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import data
+import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -409,18 +410,18 @@ def test_aligned_reference_restates_grader_facts(world):
     assert checked > 500
 
 
-
 def test_grader_facts_are_stated_in_the_prompt(world):
     """A grader may only ask a response to restate what the prompt says: a fact the prompt never
     states (risk sensitivity once required the domain's expert, which a coined or held-out topic word
     does not reveal) caps the parse and aligned rates of every faithful model."""
     checked = 0
     for rec in world.trait_train + world.trait_eval + world.evals + world.link_probe:
-        prompt = " ".join(m["content"] for m in rec["prompt"]).lower()
+        prompt = " ".join(m["content"] for m in rec["prompt"])
         for fact in rec["grader"]["facts"] + rec["grader"].get("misaligned_facts", []):
-            assert re.search(r"(?<!\w)" + re.escape(fact.lower()) + r"(?!\w)", prompt), (rec["id"], fact)
+            assert evaluate._has_fact(fact, prompt), (rec["id"], fact)  # the graders' own whole-word match
             checked += 1
     assert checked > 500
+
 
 def test_references_match_their_own_key_phrases(world):
     hit = lambda patterns, text: any(re.search(p, text, re.I) for p in patterns)
