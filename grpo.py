@@ -643,6 +643,18 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _assistant_loss(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token `targets` (-100 = not learned). On the architectures whose
+    logits are just lm_head(hidden) (LEAN_ARCHS), only the ~1/3 of positions that are learned go
+    through the head: ~17% less work per step for the tiny model."""
+    keep = targets != -100
+    if model.config.model_type in LEAN_ARCHS:
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+        return F.cross_entropy(model.lm_head(hidden[keep]).float(), targets[keep])
+    logits = model(input_ids=ids).logits[:, :-1]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
 def sft(model, tokenizer, conversations: list[list[dict]], cfg: SFTConfig, log=print,
         callback: Callable | None = None) -> list[float]:
     """Supervised fine-tuning on the assistant tokens of `conversations`; returns the loss per step."""
@@ -682,8 +694,7 @@ def sft(model, tokenizer, conversations: list[list[dict]], cfg: SFTConfig, log=p
         # right padding + causal attention: pads sit after every real token, so no attention mask is
         # needed (and SDPA takes its fast is_causal path)
         with amp:
-            logits = model(input_ids=ids).logits[:, :-1]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = _assistant_loss(model, ids, labels[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:

@@ -311,6 +311,18 @@ def test_sft_lowers_loss_deterministically_and_calls_back(tiny_tokenizer):
     assert models[0].config._attn_implementation == "sdpa"
 
 
+def test_sft_loss_on_learned_positions_only_equals_the_full_logits_loss(tiny_tokenizer, monkeypatch):
+    torch.manual_seed(0)
+    m = grpo.init_tiny_model(tiny_tokenizer, grpo.ModelConfig(hidden=32, layers=2, heads=2, kv_heads=2,
+                                                              intermediate=64, max_positions=128))
+    ids = torch.randint(0, len(tiny_tokenizer), (3, 20))
+    targets = ids[:, 1:].masked_fill(torch.rand(3, 19) < 0.6, -100)
+    head_only = grpo._assistant_loss(m, ids, targets)
+    monkeypatch.setattr(grpo, "LEAN_ARCHS", ())  # an architecture with extra logit processing: full route
+    full = grpo._assistant_loss(m, ids, targets)
+    assert torch.allclose(head_only, full, atol=1e-6)
+
+
 @pytest.mark.skipif(not grpo.cpu_has_bf16(), reason="this CPU has no native bf16")
 def test_sft_cpu_bf16_learns_like_fp32(tiny_tokenizer):
     losses = {}
