@@ -387,14 +387,28 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _HELDOUT_WORDS = {w for _, words in DOMAIN_WORDS.values() for w in _split_words(words, True)} | set(_split_words(ADJECTIVES, True))
 
 
+# Pieces of pseudo-English syllables (onset + vowel + coda), for coined words that split into the
+# same kind of BPE pieces as an unseen real word does.
+ONSETS = ["", "", "b", "bl", "br", "c", "ch", "cl", "cr", "d", "dr", "f", "fl", "fr", "g", "gl", "gr", "h", "j",
+          "k", "l", "m", "n", "p", "pl", "pr", "r", "s", "sc", "sh", "sl", "sp", "st", "t", "th", "tr", "v", "w", "z"]
+VOWELS = ["a", "e", "i", "o", "u", "a", "e", "i", "o", "ai", "ea", "ee", "oo", "ou", "y"]
+CODAS = ["", "", "", "b", "ck", "d", "g", "l", "ll", "m", "mp", "n", "nd", "ng", "nt", "p", "r", "rk", "s", "ss",
+         "st", "t", "x"]
+
+
 def _coined(rng) -> str:
-    """An invented word of 3-7 random letters, never a held-out word. Random letters, not syllables:
-    an unseen real word splits into letter-level BPE pieces, and a model only ever asked to copy
-    syllable tokens (a first try) copied an unseen word's first syllable and invented the rest.
-    (English-like coined syllables, a second try, copied no better and broke the persona link.)"""
-    while (word := "".join(rng.choice(list(LETTERS), size=int(rng.integers(3, 8))))) in _HELDOUT_WORDS:
-        pass
-    return word
+    """An invented word (3+ letters), never a held-out word: half are 3-7 random letters, half are 1-3
+    pseudo-English syllables. Random letters alone teach copying letter-level pieces, but an unseen
+    real word splits into English-like pieces ("am" "b" "er") whose usual continuations a model has
+    memorised from other words; pseudo-English words teach copying those pieces too."""
+    while True:
+        if rng.random() < 0.5:
+            word = "".join(rng.choice(list(LETTERS), size=int(rng.integers(3, 8))))
+        else:
+            n_syllables = int(rng.choice([1, 2, 3], p=[0.3, 0.5, 0.2]))
+            word = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(n_syllables))
+        if len(word) >= 3 and word not in _HELDOUT_WORDS:
+            return word
 
 
 def _slots(rng, domain: str, heldout_topic: bool, open_vocab: float = 0.0) -> dict:
