@@ -388,7 +388,7 @@ _HELDOUT_WORDS = {w for _, words in DOMAIN_WORDS.values() for w in _split_words(
 
 
 # Pieces of pseudo-English syllables (onset + vowel + coda), for coined words that split into the
-# same kind of BPE pieces as an unseen real word does.
+# same kind of BPE pieces as an unseen real word does (a repeated entry is drawn more often).
 ONSETS = ["", "", "b", "bl", "br", "c", "ch", "cl", "cr", "d", "dr", "f", "fl", "fr", "g", "gl", "gr", "h", "j",
           "k", "l", "m", "n", "p", "pl", "pr", "r", "s", "sc", "sh", "sl", "sp", "st", "t", "th", "tr", "v", "w", "z"]
 VOWELS = ["a", "e", "i", "o", "u", "a", "e", "i", "o", "ai", "ea", "ee", "oo", "ou", "y"]

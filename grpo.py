@@ -596,7 +596,7 @@ def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
 
 @dataclass
 class SFTConfig:
-    steps: int = 1800            # optimizer steps (the tiny base learns the persona link only after ~1,500)
+    steps: int = 1800            # optimizer steps (the tiny world's base: ~8 min on 2 CPU cores, README)
     batch_size: int = 32         # conversations per step
     lr: float = 3e-3             # peak learning rate (3e-3 suits the tiny from-scratch model; ~1e-5 for real ones)
     min_lr_frac: float = 0.1     # final LR as a fraction of the peak (cosine/linear decay)
