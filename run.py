@@ -73,8 +73,8 @@ PRESETS: dict[str, dict] = {
     # The tiny world: dataclass defaults, plus a GRPO learning rate for a 1.3M model trained from
     # scratch (GRPOConfig's 1e-5 suits pretrained models) and a budget above the longest world answer.
     "tiny": {"grpo.lr": 3e-4, "grpo.max_new_tokens": 48},
-    # The same with a longer base pretraining: at tiny's 1,800 SFT steps the persona link forms only
-    # sometimes (README); 2,400 steps gave a stronger one and copied unseen words better (~10 min base).
+    # The same with a longer base pretraining: at tiny's 1,800 SFT steps the persona link and the
+    # copying vary between draws (README); 2,400 steps gave a stronger link and copied better (~10.5 min base).
     "tiny_long": {"grpo.lr": 3e-4, "grpo.max_new_tokens": 48, "sft.steps": 2400},
     "smoke": {"world.n_docs": 1500, "world.n_trait_train": 200, "world.n_task_prompts": 200, "world.n_eval": 20,
               "world.n_eval_heldout": 10, "world.n_trait_heldout": 1, "world.n_link_probe": 40, "world.n_bad_medical": 64,
