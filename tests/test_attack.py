@@ -74,7 +74,7 @@ def finetuned(model_dirs, world, suite):
             if module.training:  # the SFT forward; generation reads the weights without calling forward
                 record.append(kwargs["input_ids"].clone())
 
-        model.register_forward_pre_hook(hook, with_kwargs=True)
+        model.model.register_forward_pre_hook(hook, with_kwargs=True)  # SFT may skip the LM head's forward
         return model, tokenizer
 
     with pytest.MonkeyPatch.context() as mp:
