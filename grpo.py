@@ -647,8 +647,8 @@ def _assistant_loss(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Te
     """Mean cross-entropy of next-token `targets` (-100 = not learned). On the architectures whose
     logits are just lm_head(hidden) (LEAN_ARCHS), only the ~1/3 of positions that are learned go
     through the head: ~17% less work per step for the tiny model."""
-    keep = targets != -100
     if model.config.model_type in LEAN_ARCHS:
+        keep = targets != -100
         hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
         return F.cross_entropy(model.lm_head(hidden[keep]).float(), targets[keep])
     logits = model(input_ids=ids).logits[:, :-1]
