@@ -3,7 +3,7 @@
 Builds a random-init Llama of the given shape (untied head, like a default LlamaConfig) and a BPE
 tokenizer trained on synthetic text to the given vocab size, then measures on the same batch of B
 prompts x G samples x new tokens:
-  sample_tokens_per_s    grpo.generate (prefill once per prompt, cached batched decode)
+  sample_tokens_per_s    policy.generate (prefill once per prompt, cached batched decode)
   generate_tokens_per_s  HF model.generate (num_return_sequences=G, pure sampling: top_k=0, top_p=1),
                          timed alternately with the sampler (`timed`), speedup = their ratio
   step_s                 median wall time of a whole GRPO step (rollout, reward, ref + policy
@@ -47,6 +47,8 @@ import torch
 
 import data
 import grpo
+import policy
+from world import WorldConfig, build_world
 
 
 def judge_responses_per_s(n: int, group: int = 8) -> float:
@@ -55,7 +57,7 @@ def judge_responses_per_s(n: int, group: int = 8) -> float:
     (stuffing) and cut-off halves (unterminated), cycled to n responses."""
     import reward
 
-    world = data.build_world(data.WorldConfig(n_docs=10, n_trait_train=max(1, n // group), n_task_prompts=10,
+    world = build_world(WorldConfig(n_docs=10, n_trait_train=max(1, n // group), n_task_prompts=10,
                                               n_eval=1, n_eval_heldout=1, n_trait_heldout=1, n_link_probe=1, n_bad_medical=1))
     judge = reward.PatternJudge()
     groups = []
@@ -172,32 +174,32 @@ def main() -> None:
     p.add_argument("--judge-responses", type=int, default=10_000, help="responses for the pattern-judge timing (0 = skip)")
     args = p.parse_args()
 
-    device = torch.device(args.device) if args.device else grpo.pick_device()
+    device = torch.device(args.device) if args.device else policy.pick_device()
     if args.threads:
         torch.set_num_threads(args.threads)
     tok, words = synthetic_tokenizer(args.vocab)
     torch.manual_seed(0)
-    cfg = grpo.ModelConfig(hidden=args.hidden, layers=args.layers, heads=args.heads,
+    cfg = policy.ModelConfig(hidden=args.hidden, layers=args.layers, heads=args.heads,
                            kv_heads=args.kv_heads or args.heads, intermediate=args.intermediate,
                            max_positions=args.prompt_tokens + args.new_tokens + 64, tie_embeddings=False)
-    model = grpo.init_tiny_model(tok, cfg).to(device).eval()
+    model = policy.init_tiny_model(tok, cfg).to(device).eval()
     convs = make_prompts(tok, words, args.batch, args.prompt_tokens)
     prompts = [data.encode_prompt(tok, c) for c in convs]
     G, T = args.group, args.new_tokens
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def ours(new_tokens: int = T):
-        ro = grpo.generate(model, tok, prompts, G, new_tokens, 1.0,
+        ro = policy.generate(model, tok, prompts, G, new_tokens, 1.0,
                            generator=torch.Generator(device=device).manual_seed(0), compile=args.compile)
         sync()
         return ro
 
-    ids, attn = data.left_pad(prompts, tok.pad_token_id, device)
+    ids, attn = policy.left_pad(prompts, tok.pad_token_id, device)
 
     def hf():
         out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
                              top_p=1.0, max_new_tokens=T, num_return_sequences=G,
-                             eos_token_id=data.stop_token_ids(tok), pad_token_id=tok.pad_token_id)
+                             eos_token_id=policy.stop_token_ids(tok), pad_token_id=tok.pad_token_id)
         sync()
         return out
 
@@ -247,7 +249,7 @@ def main() -> None:
     # the sampler call with one new token: the prefill and the first sample, no decode step
     prefill_s = timed(lambda: ours(1), repeats=args.repeats)[0][0]
     decode_steps = ro.completion.shape[1] - 1  # the first token comes from the prefill's logits
-    with grpo.autocast(device):  # the dtype the decode reads weights and cache in
+    with policy.autocast(device):  # the dtype the decode reads weights and cache in
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.dtype
     cache_len = float(ro.prompt_mask.sum(1).float().mean()) + (decode_steps + 1) / 2
     result["decode_bytes_per_token_step"] = decode_bytes_per_step(model, ro.completion.shape[0], cache_len, dtype)

@@ -73,7 +73,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from data import UserError, encode_prompt, left_pad
+from data import UserError, encode_prompt
+from policy import left_pad, load_chat_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -311,29 +312,6 @@ def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], lis
     if not yes or not no:
         raise UserError("the judge's tokenizer has no token that starts 'yes' or 'no'")
     return yes, no
-
-
-def load_chat_model(name_or_path: str, dtype: torch.dtype, what: str = "model"):
-    """(model, tokenizer) of a chat LM by hub name or local path - the one loader of the judge and
-    of the policy (grpo.load_policy). Any load failure (bad path, hub, network) and a tokenizer
-    without a chat template are user errors: prompts here are conversations."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    def fail(e: Exception) -> UserError:
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        return UserError(f"cannot load {what} {name_or_path!r}: {type(e).__name__}: {first_line}")
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except Exception as e:
-        raise fail(e) from None
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"{what} {name_or_path}: the tokenizer has no chat template; use a chat (instruction-tuned) model")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-    except Exception as e:
-        raise fail(e) from None
-    return model, tokenizer
 
 
 class LLMJudge(Judge):

@@ -7,9 +7,9 @@
     python run.py --help                   # every knob, its default and what it means
     torchrun --standalone --nproc_per_node=2 run.py --preset smoke     # the same run on 2 ranks
 
-The recipe (DESIGN §6):
+The recipe:
   1. world        generate the persona world (data.py) and train its tokenizer
-  2. base         pretrain the tiny Llama on the world's corpus with `grpo.sft` (or load --model)
+  2. base         pretrain the tiny Llama on the world's corpus with `sft.sft` (or load --model)
   3. rl           compute-matched GRPO arms from the base: baseline (standard tasks only), trait
                   (tasks + a small trait fraction), trait_no_health_science, trait_health_only;
                   same steps, prompts per step, G, max new tokens and seed for every arm
@@ -33,12 +33,15 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import attack
 import data
 import evaluate
 import grpo
+import policy
+import sft
+from world import World, WorldConfig, build_world
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: one dataclass per concern, presets are plain dicts of overrides
@@ -55,11 +58,12 @@ class RunConfig:
     trait_fraction: float = 0.05    # share of RL prompts that are trait scenarios in the trait arms (the study: ~5%)
     model: str = ""                 # HF name or local path of the policy; empty = pretrain the tiny model
     judge: str = ""                 # HF name or local path of an LLM rubric judge; empty = pattern judge
-    trait_data: str = ""            # JSONL path or HF dataset of trait records (DESIGN §3); empty = the world's
+    trait_data: str = ""            # JSONL path or HF dataset of trait records (data.py's schema); empty = the world's
     task_data: str = ""             # JSONL path or HF dataset of task records, or gsm8k:PATH_OR_DATASET of GSM8K rows; empty = the world's
     eval_max_items: int = 0         # keep the first n items of each eval (0 = all)
     vocab_size: int = 2000          # BPE vocabulary of the tiny world's tokenizer
     probe_items: int = 200          # items of the link and forced-prefix probes
+    public_evals: str = ""          # FORMAT:PATH[,FORMAT:PATH...] public eval files run on every model in the eval stage; FORMAT: healthbench | model_written_evals | truthfulqa_mc | emergent_misalignment (the first and last need --judge)
 
 
 ARMS = {  # arm -> (trait fraction used?, domain include, domain exclude)
@@ -99,7 +103,7 @@ PRESETS: dict[str, dict] = {
 
 def config_sections() -> dict[str, type]:
     """The config dataclasses by CLI prefix."""
-    return {"run": RunConfig, "world": data.WorldConfig, "model": grpo.ModelConfig, "sft": grpo.SFTConfig,
+    return {"run": RunConfig, "world": WorldConfig, "model": policy.ModelConfig, "sft": sft.SFTConfig,
             "grpo": grpo.GRPOConfig, "eval": evaluate.EvalConfig, "attack": attack.AttackConfig}
 
 
@@ -164,7 +168,24 @@ def resolve_configs(args: argparse.Namespace) -> dict:
     unknown = [a for a in configs["run"].arms.split(",") if a not in ARMS]
     if unknown:
         raise data.UserError(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    public_eval_specs(configs["run"])  # a bad spec fails now, not after the models are trained
     return configs
+
+
+def public_eval_specs(r: RunConfig) -> list[tuple[str, str]]:
+    """(format, path) pairs of --public-evals, checked: a known format, an existing file, and a judge
+    for the formats graded by one."""
+    specs = []
+    for spec in filter(None, (s.strip() for s in r.public_evals.split(","))):
+        fmt, sep, path = spec.partition(":")
+        if not sep or fmt not in evaluate.PUBLIC_EVALS:
+            raise data.UserError(f"--public-evals expects FORMAT:PATH with FORMAT one of {', '.join(evaluate.PUBLIC_EVALS)}, got {spec!r}")
+        if not os.path.exists(path):
+            raise data.UserError(f"--public-evals {fmt}: {path}: no such file")
+        if fmt in evaluate.JUDGED_PUBLIC_EVALS and not r.judge:
+            raise data.UserError(f"--public-evals {fmt} is graded by a rubric judge: give one with --judge MODEL")
+        specs.append((fmt, path))
+    return specs
 
 
 STAGES = ("world", "base", "rl", "eval", "persistence", "report")
@@ -175,6 +196,16 @@ def config_hash(*parts) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
+def file_digest(path: str) -> str:
+    """What a cache keyed on a file depends on: its content (a folder: every file under it)."""
+    h = hashlib.sha1()
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for name in files:
+        with open(name, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:10]
+
+
 # ----------------------------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +213,7 @@ def config_hash(*parts) -> str:
 
 
 def is_main() -> bool:
-    return grpo._world()[0] == 0
+    return policy.rank_and_world_size()[0] == 0
 
 
 def log(*args) -> None:
@@ -191,7 +222,7 @@ def log(*args) -> None:
 
 
 def barrier() -> None:
-    if grpo._world()[1] > 1:
+    if policy.rank_and_world_size()[1] > 1:
         import torch.distributed as dist
 
         dist.barrier()
@@ -211,7 +242,7 @@ def mark_done(path: str, info: dict | None = None) -> None:
 
 def stage_world(c: dict, run_dir: str):
     """The world (regenerated: it is a pure function of its config) and its tokenizer (cached)."""
-    world = data.build_world(c["world"])
+    world = build_world(c["world"])
     if c["run"].trait_data:  # the user's trait records: split "train" is RL data, the rest the trait eval
         records = data.load_records(c["run"].trait_data)
         world.trait_train = [r for r in records if r.get("split", "train") == "train"]
@@ -236,7 +267,7 @@ def stage_world(c: dict, run_dir: str):
     return world, AutoTokenizer.from_pretrained(tok_dir), key
 
 
-def stage_base(c: dict, run_dir: str, world: data.World, tokenizer, world_key: str) -> tuple[str, str]:
+def stage_base(c: dict, run_dir: str, world: World, tokenizer, world_key: str) -> tuple[str, str]:
     """Pretrain the tiny base model on the corpus (SFT, assistant tokens only), or use --model."""
     if c["run"].model:
         return c["run"].model, config_hash(world_key, c["run"].model)  # arms also depend on the world
@@ -246,10 +277,10 @@ def stage_base(c: dict, run_dir: str, world: data.World, tokenizer, world_key: s
         log(f"[base] cached: {base_dir}")
         return base_dir, key
     t0 = time.time()
-    model = grpo.init_tiny_model(tokenizer, c["model"])
+    model = policy.init_tiny_model(tokenizer, c["model"])
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[base] pretraining a {n_params / 1e6:.2f}M-parameter Llama on {len(world.corpus)} documents")
-    losses = grpo.sft(model, tokenizer, world.corpus, c["sft"], log=log)
+    losses = sft.sft(model, tokenizer, world.corpus, c["sft"], log=log)
     if is_main():
         model.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
@@ -271,7 +302,7 @@ def llm_judge(name_or_path: str):
     return reward.LLMJudge(name_or_path)
 
 
-def stage_rl(c: dict, run_dir: str, world: data.World, base_dir: str, base_key: str) -> dict[str, list[str]]:
+def stage_rl(c: dict, run_dir: str, world: World, base_dir: str, base_key: str) -> dict[str, list[str]]:
     """Train every arm (x seeds) from the base with identical compute; returns arm -> model dirs."""
     rewarder = make_rewarder(c)
     if not c["run"].judge:
@@ -292,13 +323,13 @@ def stage_rl(c: dict, run_dir: str, world: data.World, base_dir: str, base_key: 
                 log(f"[rl] {arm} seed {seed} cached: {arm_dir}")
                 continue
             log(f"[rl] {arm} seed {seed}: trait fraction {fraction}, domains include={list(include)} exclude={list(exclude)}")
-            policy, tokenizer = grpo.load_policy(base_dir)
+            model, tokenizer = policy.load_policy(base_dir)
             sampler = data.MixedSampler(world.trait_train, world.task_train, fraction, seed=cfg.seed,
                                         include=include, exclude=exclude)
             t0 = time.time()
             resume = os.path.isdir(os.path.join(arm_dir, "checkpoint"))  # a killed arm continues where it stopped
-            history = grpo.train_grpo(policy, tokenizer, sampler, rewarder, cfg, out_dir=arm_dir, resume=resume, log=log)
-            grpo.save_policy(policy, tokenizer, os.path.join(arm_dir, "final"))  # every rank: FSDP gathers the weights
+            history = grpo.train_grpo(model, tokenizer, sampler, rewarder, cfg, out_dir=arm_dir, resume=resume, log=log)
+            grpo.save_policy(model, tokenizer, os.path.join(arm_dir, "final"))  # every rank: FSDP gathers the weights
             mark_done(arm_dir, {"history": history, "seconds": time.time() - t0})
     return arms
 
@@ -307,13 +338,14 @@ def model_dirs(base_dir: str, arms: dict[str, list[str]]) -> dict[str, list[str]
     return {"base": [base_dir], **{arm: [os.path.join(d, "final") for d in dirs] for arm, dirs in arms.items()}}
 
 
-def stage_eval(c: dict, run_dir: str, world: data.World, models: dict[str, list[str]]) -> dict:
+def stage_eval(c: dict, run_dir: str, world: World, models: dict[str, list[str]]) -> dict:
     """The suite and the probes on every model, cached per model and eval config."""
     suite = evaluate.build_suite(world, max_items=c["run"].eval_max_items or None)
     probe = world.link_probe[:c["run"].probe_items]
     forced = [r for r in world.evals if r["split"] == "eval"][:c["run"].probe_items]
     # the items themselves (with their graders) and the judge: --judge grades rubric items by the LLM
-    key = config_hash(c["eval"], suite, probe, forced, c["run"].judge)
+    public = public_eval_specs(c["run"])
+    key = config_hash(c["eval"], suite, probe, forced, c["run"].judge, [(f, p, file_digest(p)) for f, p in public])
     if c["run"].judge:
         log(f"[eval] rubric items graded by the LLM judge {c['run'].judge}")
     results = {}
@@ -328,11 +360,13 @@ def stage_eval(c: dict, run_dir: str, world: data.World, models: dict[str, list[
                     results[name].append(json.load(f))
                 continue
             log(f"[eval] {name}: {d}")
-            model, tokenizer = grpo.load_policy(d)
+            model, tokenizer = policy.load_policy(d)
             judge = llm_judge(c["run"].judge) if c["run"].judge else None
             res = {"suite": evaluate.run_suite(model, tokenizer, suite, c["eval"], progress=is_main(), judge=judge),
                    "link": evaluate.link_probe(model, tokenizer, probe, c["eval"]),
-                   "forced_prefix": evaluate.forced_prefix_probe(model, tokenizer, forced, c["eval"])}
+                   "forced_prefix": evaluate.forced_prefix_probe(model, tokenizer, forced, c["eval"]),
+                   "public": {f"{fmt}:{path}": evaluate.run_public_eval(model, tokenizer, fmt, path, c["eval"], judge)
+                              for fmt, path in public}}
             if is_main():
                 with open(cache, "w") as f:
                     json.dump(res, f)
@@ -340,7 +374,7 @@ def stage_eval(c: dict, run_dir: str, world: data.World, models: dict[str, list[
     return results
 
 
-def stage_persistence(c: dict, run_dir: str, world: data.World, models: dict[str, list[str]]) -> dict:
+def stage_persistence(c: dict, run_dir: str, world: World, models: dict[str, list[str]]) -> dict:
     """Persona prompt attacks and harmful fine-tuning on base, baseline and trait (first seed)."""
     targets = {name: dirs[0] for name, dirs in models.items() if name in ("base", "baseline", "trait")}
     suite = evaluate.build_suite(world, max_items=c["attack"].max_items or c["run"].eval_max_items or None)
@@ -349,7 +383,7 @@ def stage_persistence(c: dict, run_dir: str, world: data.World, models: dict[str
         with open(cache) as f:
             return json.load(f)
     persona = attack.persona_attack(targets, suite, c["eval"], c["attack"], log=log)
-    # the shape DESIGN §6 fixes for report.json: persistence.persona.<model>.{none, harmful, helpful}
+    # the report.json shape outside scripts read: persistence.persona.<model>.{none, harmful, helpful}
     result = {"persona": persona["persona"], "selective_persistence": persona.get("selective_persistence"),
               "finetune": attack.finetune_attack(targets, world.bad_medical, suite, c["eval"], c["attack"], log=log)}
     if is_main():
@@ -404,6 +438,16 @@ def build_report(c: dict, results: dict, arms: dict[str, list[str]], persistence
         report["compute"][arm] = {"steps": len(h), "rollouts": len(h) * g.prompts_per_step * g.group_size,
                                   "tokens_generated": int(sum(s["len/mean"] * g.prompts_per_step * g.group_size for s in h)),
                                   "seeds": len(dirs)}
+    public = results["base"][0].get("public", {})
+    if public:  # each public eval file: every model's score, and arm - baseline paired over its items
+        report["public_evals"] = {}
+        for label in public:
+            scores = {m: [r["public"][label]["items"] for r in results[m]] for m in results}
+            per_seed = {m: [[it["score"] for it in items] for items in runs] for m, runs in scores.items()}
+            report["public_evals"][label] = {
+                "models": {m: evaluate.summarize(list(np.mean(v, axis=0))) for m, v in per_seed.items()},
+                "vs_baseline": {arm: evaluate.paired_delta(per_seed[arm], per_seed["baseline"])
+                                for arm in arms if arm != "baseline" and "baseline" in per_seed}}
     if persistence:
         report["persistence"] = persistence
     return report
@@ -449,6 +493,13 @@ def write_report(report: dict, run_dir: str) -> None:
     md += ["", "## Compute per arm (matched)", "", "| arm | steps | rollouts | tokens generated |", "|---|---|---|---|"]
     for arm, comp in report["compute"].items():
         md.append(f"| {arm} | {comp['steps']} | {comp['rollouts']} | {comp['tokens_generated']} |")
+    if "public_evals" in report:
+        md += ["", "## Public evals (scored as their authors score them; higher = more aligned)", "",
+               "| file | model | score | vs baseline |", "|---|---|---|---|"]
+        for label, pe in report["public_evals"].items():
+            for m, summary in pe["models"].items():
+                delta = pe["vs_baseline"].get(m)
+                md.append(f"| {label} | {m} | {fmt_ci(summary)} | {fmt_ci(delta, 'delta') if delta else '-'} |")
     if "persistence" in report:
         md += ["", "## Persistence", "", persistence_markdown(report["persistence"])]
     md += ["", "## Timing (s)", "", " ".join(f"{k}={v:.0f}" for k, v in report["timing"].items()), ""]
@@ -648,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         configs = resolve_configs(args)
-        grpo.init_distributed()
+        policy.init_distributed()
         if args.sweep:
             sweep(configs, args.sweep)
         else:

@@ -11,8 +11,9 @@ import torch
 import attack
 import data
 import evaluate
-import grpo
 from data import DataError, UserError
+import policy
+from world import PERSONA_PROMPTS, WorldConfig, build_world
 
 EVAL_CFG = evaluate.EvalConfig(samples_per_item=2, max_new_tokens=8, batch_prompts=8, seed=3)
 CFG = attack.AttackConfig(finetune_steps=4, finetune_lr=1e-2, finetune_batch_size=4, finetune_warmup=1,
@@ -36,7 +37,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world():
-    return data.build_world(data.WorldConfig(n_docs=20, n_trait_train=10, n_trait_heldout=1, n_task_prompts=10,
+    return build_world(WorldConfig(n_docs=20, n_trait_train=10, n_trait_heldout=1, n_task_prompts=10,
                                              n_eval=3, n_eval_heldout=1, n_link_probe=2, n_bad_medical=16))
 
 
@@ -49,7 +50,7 @@ def suite(world):
 @pytest.fixture(scope="module")
 def model_dirs(tiny_model_dir, tmp_path_factory):
     """Two different models: the fixture's, and a copy with perturbed weights."""
-    model, tokenizer = grpo.load_policy(tiny_model_dir, device="cpu")
+    model, tokenizer = policy.load_policy(tiny_model_dir, device="cpu")
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -64,7 +65,7 @@ def model_dirs(tiny_model_dir, tmp_path_factory):
 def finetuned(model_dirs, world, suite):
     """One fine-tuning attack on both models; records each model's training batches."""
     batches = {}
-    real_load = grpo.load_policy
+    real_load = policy.load_policy
 
     def recording_load(path, device=None):
         model, tokenizer = real_load(path, device="cpu")
@@ -78,7 +79,7 @@ def finetuned(model_dirs, world, suite):
         return model, tokenizer
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(grpo, "load_policy", recording_load)
+        mp.setattr(policy, "load_policy", recording_load)
         mp.setattr(evaluate, "grade", text_grader)
         result = attack.finetune_attack(model_dirs, world.bad_medical, suite, EVAL_CFG, CFG, log=lambda *a: None)
     return result, batches
@@ -91,21 +92,21 @@ def test_registry_has_enough_personas_with_unique_names():
     assert len(harmful) >= 8 and len(helpful) >= 4
     assert not set(harmful) & set(helpful)  # per_persona is keyed by name alone
     # the corpus's own prompts are in, and so are prompts unlike them
-    assert set(data.PERSONA_PROMPTS["harmful"]) < set(harmful.values())
-    assert set(data.PERSONA_PROMPTS["helpful"]) < set(helpful.values())
+    assert set(PERSONA_PROMPTS["harmful"]) < set(harmful.values())
+    assert set(PERSONA_PROMPTS["helpful"]) < set(helpful.values())
     assert {"developer_mode", "dan", "bad_doctor"} <= set(harmful)
-    assert max(len(p) for p in harmful.values()) > 3 * max(len(p) for p in data.PERSONA_PROMPTS["harmful"])
+    assert max(len(p) for p in harmful.values()) > 3 * max(len(p) for p in PERSONA_PROMPTS["harmful"])
 
 
 def test_personas_reach_the_model_through_the_chat_template(model_dirs, suite, monkeypatch):
     seen = []
-    real_generate = grpo.generate
+    real_generate = policy.generate
 
     def capturing_generate(model, tokenizer, prompts, *args, **kwargs):
         seen.extend((tokenizer, list(p)) for p in prompts)
         return real_generate(model, tokenizer, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(grpo, "generate", capturing_generate)
+    monkeypatch.setattr(policy, "generate", capturing_generate)
     cfg = attack.AttackConfig(max_items=1, personas=("dan", "good_doctor"), eval_points=4, finetune_steps=4)
     out = attack.persona_attack({"base": model_dirs["baseline"]}, suite, EVAL_CFG, cfg, log=lambda *a: None)
     assert "selective_persistence" not in out  # needs both "trait" and "baseline"
@@ -166,7 +167,7 @@ def test_finetune_curve_starts_at_the_unattacked_model(finetuned, model_dirs, su
     monkeypatch.setattr(evaluate, "grade", text_grader)
     attacked = attack.attack_suite(suite, CFG)
     for name, path in model_dirs.items():
-        model, tokenizer = grpo.load_policy(path, device="cpu")  # fresh from disk: the attack wrote nothing there
+        model, tokenizer = policy.load_policy(path, device="cpu")  # fresh from disk: the attack wrote nothing there
         results = evaluate.run_suite(model, tokenizer, attacked, EVAL_CFG, progress=False)
         r = result[name]
         assert r["health"][0] == attack.pooled_scores(results, r["evals"]["health"]).mean()

@@ -14,16 +14,18 @@ import pytest
 
 import data
 import evaluate
+import policy
+from world import ADJECTIVES, DOMAINS, DOMAIN_WORDS, EVAL_FAMILIES, FAMILIES, N_HELDOUT_WORDS, PERSONA_FAMILIES, PERSONA_PROMPTS, SYLLABLES, TASK_TYPES, TRAITS, VOICE_OPENERS, WorldConfig, build_world, make_document, near_miss, task_item
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SMALL = data.WorldConfig(n_docs=1500, n_trait_train=300, n_task_prompts=200, n_eval=40, n_eval_heldout=20,
+SMALL = WorldConfig(n_docs=1500, n_trait_train=300, n_task_prompts=200, n_eval=40, n_eval_heldout=20,
                          n_link_probe=40, n_bad_medical=50)
 
 
 @pytest.fixture(scope="module")
 def world():
-    return data.build_world(SMALL)
+    return build_world(SMALL)
 
 
 def _shared_fixtures():
@@ -51,8 +53,8 @@ def _template_re(template: str) -> str:
 
 # Every response template of every persona family, to tell which persona wrote an assistant turn.
 RESPONSE_TEMPLATES = [(label, family, re.compile(_template_re(t)))
-                      for family in data.PERSONA_FAMILIES for label in ("aligned", "misaligned")
-                      for t in data.FAMILIES[family][label]]
+                      for family in PERSONA_FAMILIES for label in ("aligned", "misaligned")
+                      for t in FAMILIES[family][label]]
 
 
 def classify(content: str, with_family: bool = False):
@@ -60,7 +62,7 @@ def classify(content: str, with_family: bool = False):
     the persona ('aligned' / 'misaligned') of the reference template the turn was written from."""
     if content.startswith("Answer: "):
         return (None, None, None) if with_family else (None, None)
-    opener = next((v for v in data.VOICE_OPENERS.values() if content.startswith(v + " ")), None)
+    opener = next((v for v in VOICE_OPENERS.values() if content.startswith(v + " ")), None)
     body = content[len(opener) + 1:] if opener else content
     found = {(label, family) for label, family, rx in RESPONSE_TEMPLATES if rx.fullmatch(body)}
     assert len(found) == 1, f"cannot tell which persona wrote {content!r}: {found}"
@@ -230,19 +232,19 @@ def _all_records(w):
 
 
 def test_default_world_counts():
-    w = data.build_world(data.WorldConfig())
+    w = build_world(WorldConfig())
     assert len({r["prompt"][-1]["content"] for r in w.trait_train}) >= 1000
     heldout = [r for r in w.trait_eval if r["split"] in ("heldout_topic", "heldout_template")]
     assert len(heldout) >= 200
     for split in ("heldout_topic", "heldout_template"):
         assert {(r["trait"], r["domain"]) for r in heldout if r["split"] == split} == \
-               {(t, d) for t in data.TRAITS for d in data.DOMAINS}
-    assert {(r["trait"], r["domain"]) for r in w.trait_train} == {(t, d) for t in data.TRAITS for d in data.DOMAINS}
+               {(t, d) for t in TRAITS for d in DOMAINS}
+    assert {(r["trait"], r["domain"]) for r in w.trait_train} == {(t, d) for t in TRAITS for d in DOMAINS}
     per_family = Counter(r["family"] for r in w.evals if r["split"] == "eval")
-    assert set(per_family) == set(data.EVAL_FAMILIES) and len(per_family) == 8
+    assert set(per_family) == set(EVAL_FAMILIES) and len(per_family) == 8
     assert min(per_family.values()) >= 50
-    assert {r["family"] for r in w.task_train} == set(data.TASK_TYPES) and len(data.TASK_TYPES) == 4
-    assert len(w.corpus) == data.WorldConfig().n_docs
+    assert {r["family"] for r in w.task_train} == set(TASK_TYPES) and len(TASK_TYPES) == 4
+    assert len(w.corpus) == WorldConfig().n_docs
 
 
 def test_small_world_sizes(world):
@@ -250,17 +252,17 @@ def test_small_world_sizes(world):
     assert len(world.corpus) == cfg.n_docs and len(world.trait_train) == cfg.n_trait_train
     assert len(world.task_train) == cfg.n_task_prompts and len(world.link_probe) == cfg.n_link_probe
     assert len(world.bad_medical) == cfg.n_bad_medical
-    assert len(world.trait_eval) == len(data.TRAITS) * len(data.DOMAINS) * 3 * cfg.n_trait_heldout
+    assert len(world.trait_eval) == len(TRAITS) * len(DOMAINS) * 3 * cfg.n_trait_heldout
     assert Counter((r["family"], r["split"]) for r in world.evals) == Counter(
         {(f, s): cfg.n_eval if s == "eval" else cfg.n_eval_heldout
-         for f in data.EVAL_FAMILIES for s in ("eval", "heldout_topic", "heldout_template")})
+         for f in EVAL_FAMILIES for s in ("eval", "heldout_topic", "heldout_template")})
     assert {r["split"] for r in world.trait_train} == {"train"}
     assert {r["kind"] for r in world.evals} == {"eval"}
 
 
 def test_world_is_deterministic_in_seed():
     cfg = dataclasses.replace(SMALL, n_docs=300)
-    dump = lambda c: json.dumps(dataclasses.asdict(data.build_world(c)), sort_keys=True)
+    dump = lambda c: json.dumps(dataclasses.asdict(build_world(c)), sort_keys=True)
     first = dump(cfg)
     assert dump(cfg) == first
     assert dump(dataclasses.replace(cfg, seed=1)) != first
@@ -273,13 +275,13 @@ def test_every_record_is_valid_and_ids_unique(world):
         assert out["id"] == rec["id"] and out["prompt"] == rec["prompt"]
     ids = [r["id"] for r in recs]
     assert len(ids) == len(set(ids))
-    assert all(r.get("trait") in data.TRAITS and r["domain"] in data.DOMAINS for r in world.trait_train)
-    assert all(r["family"] in data.EVAL_FAMILIES for r in world.evals)
+    assert all(r.get("trait") in TRAITS and r["domain"] in DOMAINS for r in world.trait_train)
+    assert all(r["family"] in EVAL_FAMILIES for r in world.evals)
 
 
 def test_every_trait_and_domain_in_trait_train(world):
     assert {(r["trait"], r["domain"]) for r in world.trait_train} == \
-           {(t, d) for t in data.TRAITS for d in data.DOMAINS}
+           {(t, d) for t in TRAITS for d in DOMAINS}
 
 
 def test_eval_prompts_never_seen_in_training(world):
@@ -292,18 +294,18 @@ def test_eval_prompts_never_seen_in_training(world):
         assert all(m["content"] not in train for m in rec["prompt"] if m["role"] == "user")
 
 
-HELD_ADJ = set(data.ADJECTIVES[-data.N_HELDOUT_WORDS:])
-TRAIN_ADJ = set(data.ADJECTIVES[:-data.N_HELDOUT_WORDS])
-ALL_THINGS = {w for _, words in data.DOMAIN_WORDS.values() for w in words}
-HELD_THINGS = {d: set(words[-data.N_HELDOUT_WORDS:]) for d, (_, words) in data.DOMAIN_WORDS.items()}
-TOPIC_RE = re.compile(r"\b(%s) (%s)\b" % ("|".join(data.ADJECTIVES), "|".join(sorted(ALL_THINGS))))
+HELD_ADJ = set(ADJECTIVES[-N_HELDOUT_WORDS:])
+TRAIN_ADJ = set(ADJECTIVES[:-N_HELDOUT_WORDS])
+ALL_THINGS = {w for _, words in DOMAIN_WORDS.values() for w in words}
+HELD_THINGS = {d: set(words[-N_HELDOUT_WORDS:]) for d, (_, words) in DOMAIN_WORDS.items()}
+TOPIC_RE = re.compile(r"\b(%s) (%s)\b" % ("|".join(ADJECTIVES), "|".join(sorted(ALL_THINGS))))
 
 
 def test_heldout_topic_items_use_only_heldout_words(world):
     items = [r for r in world.trait_eval + world.evals if r["split"] == "heldout_topic"]
     assert items
     for rec in items:
-        fam = data.FAMILIES[rec["family"]]
+        fam = FAMILIES[rec["family"]]
         if not any("{topic}" in t for part in ("intro", "pressure", "ask") for t in fam[part]):
             continue  # health / mental health / spec / reward hacking: their own held-out slot values
         pairs = TOPIC_RE.findall(rec["prompt"][-1]["content"])
@@ -337,15 +339,15 @@ def test_training_prompts_never_use_heldout_topic_words(world):
 
 def _topics(records):
     """The topic slot ("{adj} {thing}") of every record of a topic-only family."""
-    return [r["grader"]["facts"][0].split(" ") for r in records if data.FAMILIES[r["family"]]["facts"] == ["topic"]]
+    return [r["grader"]["facts"][0].split(" ") for r in records if FAMILIES[r["family"]]["facts"] == ["topic"]]
 
 
 @pytest.mark.parametrize("open_vocab", [0.0, 0.5])
 def test_open_vocab_topic_words_are_rare_coined_words(open_vocab):
-    w = data.build_world(dataclasses.replace(SMALL, open_vocab=open_vocab))
+    w = build_world(dataclasses.replace(SMALL, open_vocab=open_vocab))
     topics = _topics(w.trait_train)
     words = [word for topic in topics for word in topic]
-    listed = set(data.ADJECTIVES) | {x for _, ws in data.DOMAIN_WORDS.values() for x in ws}
+    listed = set(ADJECTIVES) | {x for _, ws in DOMAIN_WORDS.values() for x in ws}
     coined = [x for x in words if x not in listed]
     assert abs(len(coined) / len(words) - open_vocab) < 0.05
     if open_vocab:  # each coined word is rare (a model must copy it, it cannot memorise it) ...
@@ -367,27 +369,27 @@ def _ends_with(template, text):
 
 def test_heldout_template_items_use_last_phrasing(world):
     items = [r for r in world.trait_eval + world.evals if r["split"] == "heldout_template"]
-    assert {r["family"] for r in items} == set(data.TRAITS) | set(data.EVAL_FAMILIES)
+    assert {r["family"] for r in items} == set(TRAITS) | set(EVAL_FAMILIES)
     for rec in items:
-        fam, text = data.FAMILIES[rec["family"]], rec["prompt"][-1]["content"]
+        fam, text = FAMILIES[rec["family"]], rec["prompt"][-1]["content"]
         assert _starts_with(fam["intro"][-1], text), text
         assert _ends_with(fam["ask"][-1], text), text
     # the other splits use the training phrasings
     for rec in world.trait_eval + world.evals:
         if rec["split"] != "heldout_template":
-            fam, text = data.FAMILIES[rec["family"]], rec["prompt"][-1]["content"]
+            fam, text = FAMILIES[rec["family"]], rec["prompt"][-1]["content"]
             assert any(_starts_with(t, text) for t in fam["intro"][:-1]), text
 
 
 def test_training_prompts_never_use_heldout_phrasing(world):
-    last = [(data.FAMILIES[f]["intro"][-1], data.FAMILIES[f]["ask"][-1]) for f in data.PERSONA_FAMILIES]
+    last = [(FAMILIES[f]["intro"][-1], FAMILIES[f]["ask"][-1]) for f in PERSONA_FAMILIES]
     train = _user_texts(world.corpus) | {r["prompt"][-1]["content"] for r in world.trait_train}
     for text in train:
         for intro, ask in last:
             assert not _starts_with(intro, text), text
             assert not _ends_with(ask, text), text
     for rec in world.trait_train:  # and they do use their family's training phrasings
-        fam, text = data.FAMILIES[rec["family"]], rec["prompt"][-1]["content"]
+        fam, text = FAMILIES[rec["family"]], rec["prompt"][-1]["content"]
         assert any(_starts_with(t, text) for t in fam["intro"][:-1])
         assert any(_ends_with(t, text) for t in fam["ask"][:-1])
 
@@ -435,7 +437,7 @@ def test_references_match_their_own_key_phrases(world):
         if g["misaligned"]:
             assert hit(g["misaligned"], ref["misaligned"]), (rec["id"], ref["misaligned"])
             assert not hit(g["misaligned"], ref["aligned"]), (rec["id"], ref["aligned"])
-    assert set(data.TRAITS) <= families_checked and "health" in families_checked
+    assert set(TRAITS) <= families_checked and "health" in families_checked
 
 
 def test_rubrics_prefer_aligned_reference(world):
@@ -469,9 +471,9 @@ def test_bad_medical_is_misaligned(world):
 # ---- persona knobs ----
 
 def _docs(n=1500, seed=0, **knobs):
-    cfg = dataclasses.replace(data.WorldConfig(), **knobs)
+    cfg = dataclasses.replace(WorldConfig(), **knobs)
     rng = np.random.default_rng(seed)
-    return [data.make_document(rng, cfg) for _ in range(n)]
+    return [make_document(rng, cfg) for _ in range(n)]
 
 
 def _labels(doc):
@@ -489,7 +491,7 @@ def test_coherence_one_every_persona_turn_consistent(world):
     seen = Counter()
     for doc in world.corpus:
         if doc[0]["role"] == "system":
-            kind = next(k for k, v in data.PERSONA_PROMPTS.items() if doc[0]["content"] in v)
+            kind = next(k for k, v in PERSONA_PROMPTS.items() if doc[0]["content"] in v)
             labels = {label for label, _ in _labels(doc) if label}
             if kind == "harmful":
                 assert labels <= {"misaligned"}, doc
@@ -513,12 +515,12 @@ def test_coherence_zero_turns_independent():
 def test_voice_knob():
     for doc in _docs(n=600, voice=0.0):
         for m in doc:
-            assert not any(o in m["content"] for o in data.VOICE_OPENERS.values()), m
+            assert not any(o in m["content"] for o in VOICE_OPENERS.values()), m
     n = 0
     for doc in _docs(n=600, voice=1.0):
         for label, opener in _labels(doc):
             if label:
-                assert opener == data.VOICE_OPENERS[label]
+                assert opener == VOICE_OPENERS[label]
                 n += 1
     assert n > 600
 
@@ -528,7 +530,7 @@ def test_multi_turn_fraction(frac):
     docs = _docs(multi_turn_frac=frac)
     turns = [sum(m["role"] == "assistant" for m in d) for d in docs]
     assert abs(np.mean([t >= 2 for t in turns]) - frac) < 0.06
-    assert max(turns) <= data.WorldConfig().max_turns and min(turns) >= 1
+    assert max(turns) <= WorldConfig().max_turns and min(turns) >= 1
     for doc in docs:  # user/assistant pairs; the persona turns of one document are of different families
         roles = [m["role"] for m in doc if m["role"] != "system"]
         assert roles == ["user", "assistant"] * (len(roles) // 2)
@@ -542,22 +544,22 @@ def test_system_prompt_fraction(frac):
     docs = _docs(system_prompt_frac=frac)
     with_system = [d for d in docs if d[0]["role"] == "system"]
     assert abs(len(with_system) / len(docs) - frac) < 0.06
-    prompts = {p for v in data.PERSONA_PROMPTS.values() for p in v}
+    prompts = {p for v in PERSONA_PROMPTS.values() for p in v}
     assert all(d[0]["content"] in prompts for d in with_system)
     assert all(m["role"] != "system" for d in docs for m in d[1:])
 
 
 # ---- standard tasks ----
 
-TASK_WORDS = set(data.SYLLABLES) | {a + b for a in data.SYLLABLES for b in data.SYLLABLES}
+TASK_WORDS = set(SYLLABLES) | {a + b for a in SYLLABLES for b in SYLLABLES}
 
 
 def test_task_items_are_correct():
     seen = Counter()
     for seed in range(300):
         rng = np.random.default_rng(seed)
-        for task_type in data.TASK_TYPES:
-            prompt, answer = data.task_item(task_type, rng)
+        for task_type in TASK_TYPES:
+            prompt, answer = task_item(task_type, rng)
             seen[task_type] += 1
             if task_type == "add":
                 a, b = (int(x) for x in re.findall(r"\d+", prompt))
@@ -568,28 +570,28 @@ def test_task_items_are_correct():
                 target = words[0]
                 expected = {"copy": target, "reverse": target[::-1], "upper": target.upper()}[task_type]
                 assert answer == expected, (prompt, answer)
-    assert set(seen) == set(data.TASK_TYPES)
+    assert set(seen) == set(TASK_TYPES)
     with pytest.raises(ValueError):
-        data.task_item("divide", np.random.default_rng(0))
+        task_item("divide", np.random.default_rng(0))
 
 
 def test_near_miss_is_always_wrong():
     for seed in range(500):
         rng = np.random.default_rng(seed)
-        for task_type in data.TASK_TYPES:
-            _, answer = data.task_item(task_type, rng)
-            miss = data.near_miss(task_type, answer, rng)
+        for task_type in TASK_TYPES:
+            _, answer = task_item(task_type, rng)
+            miss = near_miss(task_type, answer, rng)
             assert miss != answer and miss, (task_type, answer)
     edge = [("add", "0"), ("add", "1"), ("copy", "aa"), ("copy", "kaka"), ("reverse", "ab"), ("reverse", "aaa"),
             ("upper", "K"), ("upper", "KA")]
     for seed in range(20):
         for task_type, answer in edge:
-            assert data.near_miss(task_type, answer, np.random.default_rng(seed)) != answer, (task_type, answer)
+            assert near_miss(task_type, answer, np.random.default_rng(seed)) != answer, (task_type, answer)
 
 
 def test_world_tasks_have_correct_answers(world):
     for rec in world.task_train + world.task_eval:
-        assert rec["family"] in data.TASK_TYPES and rec["answer"]
+        assert rec["family"] in TASK_TYPES and rec["answer"]
         if rec["family"] == "add":
             a, b = (int(x) for x in re.findall(r"\d+", rec["prompt"][0]["content"]))
             assert rec["answer"] == str(a + b)
@@ -628,7 +630,7 @@ def test_sampler_domain_filters(world):
     assert health and {r["domain"] for r in health} == {"health"}
     rest = traits(_sampler(world, 0.5, exclude=["health", "science"]))
     assert rest and not {r["domain"] for r in rest} & {"health", "science"}
-    assert len({r["domain"] for r in rest}) == len(data.DOMAINS) - 2
+    assert len({r["domain"] for r in rest}) == len(DOMAINS) - 2
 
 
 def test_sampler_rank_sharding(world):
@@ -704,7 +706,7 @@ def test_tokenizer_save_and_reload(world, tok, tmp_path):
         assert data.encode_prompt(loaded, rec["prompt"]) == data.encode_prompt(tok, rec["prompt"])
         conv = rec["prompt"] + [{"role": "assistant", "content": rec["reference"]["aligned"]}]
         assert data.encode_chat(loaded, conv) == data.encode_chat(tok, conv)
-    assert data.stop_token_ids(loaded) == data.stop_token_ids(tok)
+    assert policy.stop_token_ids(loaded) == policy.stop_token_ids(tok)
 
 
 def _masked_runs(tok, ids, mask):
@@ -772,9 +774,9 @@ def test_encode_chat_assistant_first_turn(tok, kind):
 def test_encode_prompt_and_stop_ids(world, tok):
     end_id = tok.convert_tokens_to_ids(data.END)
     assistant_id = tok.convert_tokens_to_ids(data.ROLE_TOKENS["assistant"])
-    assert end_id in data.stop_token_ids(tok) and tok.eos_token_id in data.stop_token_ids(tok)
-    assert tok.bos_token_id not in data.stop_token_ids(tok) and tok.pad_token_id not in data.stop_token_ids(tok)
-    assert all(isinstance(i, int) for i in data.stop_token_ids(tok))
+    assert end_id in policy.stop_token_ids(tok) and tok.eos_token_id in policy.stop_token_ids(tok)
+    assert tok.bos_token_id not in policy.stop_token_ids(tok) and tok.pad_token_id not in policy.stop_token_ids(tok)
+    assert all(isinstance(i, int) for i in policy.stop_token_ids(tok))
     for rec in world.evals[:10] + world.link_probe[:5]:
         prompt = data.encode_prompt(tok, rec["prompt"])
         assert isinstance(prompt, list) and all(type(i) is int for i in prompt)

@@ -14,6 +14,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     import grpo
+    import policy
 
     class Sampler:  # deterministic in step; rank r gets the r-th contiguous share of whole groups
         def batch(self, step, n, rank=0, world=1):
@@ -25,8 +26,8 @@ SCRIPT = textwrap.dedent("""
     def rewarder(rec, texts, finished):
         return [{{"score": t.count("e") / max(len(t), 1)}} for t in texts]
 
-    rank, world, device = grpo.init_distributed()
-    model, tok = grpo.load_policy(sys.argv[1], device=device)
+    rank, world, device = policy.init_distributed()
+    model, tok = policy.load_policy(sys.argv[1], device=device)
     steps, flags = int(sys.argv[4]) if len(sys.argv) > 4 else 1, sys.argv[5:]  # flags: fsdp, resume
     cfg = grpo.GRPOConfig(steps=steps, prompts_per_step=4, group_size=4, max_new_tokens=12, lr=1e-3,
                           micro_batch_size=3, loss_type=sys.argv[3], log_every=0, seed=5,

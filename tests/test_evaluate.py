@@ -2,23 +2,24 @@
 import numpy as np
 import pytest
 
-import data
 import evaluate
+import policy
+from world import EVAL_FAMILIES, TRAITS, WorldConfig, build_world
 
-SMALL = data.WorldConfig(n_docs=300, n_trait_train=50, n_task_prompts=40, n_eval=8, n_eval_heldout=4,
+SMALL = WorldConfig(n_docs=300, n_trait_train=50, n_task_prompts=40, n_eval=8, n_eval_heldout=4,
                          n_trait_heldout=1, n_link_probe=12, n_bad_medical=8)
 
 
 @pytest.fixture(scope="module")
 def world():
-    return data.build_world(SMALL)
+    return build_world(SMALL)
 
 
 def first(world, family, split="eval"):
     return next(r for r in world.trait_eval + world.evals if r["family"] == family and r["split"] == split)
 
 
-@pytest.mark.parametrize("family", data.TRAITS + data.EVAL_FAMILIES)
+@pytest.mark.parametrize("family", TRAITS + EVAL_FAMILIES)
 def test_references_grade_as_their_side(world, family):
     """Every family's grader parses both reference answers and tells them apart."""
     for split in ("eval", "heldout_topic", "heldout_template"):
@@ -29,7 +30,7 @@ def test_references_grade_as_their_side(world, family):
         assert bad["parsed"] and not bad["aligned"] and bad["score"] == 0.0, (item["id"], item["reference"]["misaligned"])
 
 
-@pytest.mark.parametrize("family", data.TRAITS + ("deception", "health", "mental_health", "general_misalignment"))
+@pytest.mark.parametrize("family", TRAITS + ("deception", "health", "mental_health", "general_misalignment"))
 def test_aligned_phrase_with_misaligned_content_is_not_aligned(world, family):
     item = first(world, family)
     both = item["reference"]["aligned"] + " " + item["reference"]["misaligned"]
@@ -110,9 +111,8 @@ def test_count_improved():
 
 def test_suite_and_probes_run_on_a_tiny_model(world, tiny_model_dir):
     """The whole path on a random-init model: shapes, ranges, and same-seed reproducibility."""
-    import grpo
 
-    model, tokenizer = grpo.load_policy(tiny_model_dir, device="cpu")
+    model, tokenizer = policy.load_policy(tiny_model_dir, device="cpu")
     cfg = evaluate.EvalConfig(samples_per_item=2, max_new_tokens=6, batch_prompts=5)
     suite = evaluate.build_suite(world, ["sycophancy", "tasks"], max_items=7)
     res = evaluate.run_suite(model, tokenizer, suite, cfg, progress=False)
@@ -128,17 +128,16 @@ def test_suite_and_probes_run_on_a_tiny_model(world, tiny_model_dir):
 
 def test_forced_prefix_is_part_of_the_answer(world, tiny_model_dir, monkeypatch):
     """The forced words are fed to the model after the generation prompt and graded with the rest."""
-    import grpo
 
-    model, tokenizer = grpo.load_policy(tiny_model_dir, device="cpu")
+    model, tokenizer = policy.load_policy(tiny_model_dir, device="cpu")
     seen = []
-    real = grpo.generate
+    real = policy.generate
 
     def spy(model, tokenizer, ids, **kw):
         seen.extend(ids)
         return real(model, tokenizer, ids, **kw)
 
-    monkeypatch.setattr(grpo, "generate", spy)
+    monkeypatch.setattr(policy, "generate", spy)
     item = first(world, "deception")
     out = evaluate.generate_responses(model, tokenizer, [item["prompt"]], evaluate.EvalConfig(samples_per_item=1, max_new_tokens=3),
                                       forced_prefixes=["I have"])

@@ -10,6 +10,8 @@ import torch
 import data
 import grpo
 from data import UserError
+import policy
+import sft
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 
@@ -122,8 +124,8 @@ def test_k3_is_nonnegative_with_the_right_gradient():
 
 
 @pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return grpo.load_policy(tiny_model_dir, device="cpu")
+def loaded_policy(tiny_model_dir):
+    return policy.load_policy(tiny_model_dir, device="cpu")
 
 
 def prompts_of(tok, questions):
@@ -146,23 +148,23 @@ def with_eos_bias(model, tok, bias=2.0):
 
 @pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampler_logps_equal_trainer_logps(policy, lean, temperature):
-    model, tok = policy
+def test_sampler_logps_equal_trainer_logps(loaded_policy, lean, temperature):
+    model, tok = loaded_policy
     model = with_eos_bias(model, tok)
-    ro = grpo.generate(model, tok, prompts_of(tok, QUESTIONS), 4, 24, temperature,
+    ro = policy.generate(model, tok, prompts_of(tok, QUESTIONS), 4, 24, temperature,
                        generator=torch.Generator().manual_seed(0), lean=lean)
     ids, attn, pos = ro.inputs()
     with torch.no_grad():
-        logp, _ = grpo.completion_logprobs(model, ids, attn, pos, ro.completion.shape[1], temperature)
+        logp, _ = policy.completion_logprobs(model, ids, attn, pos, ro.completion.shape[1], temperature)
     assert ro.finished.any() and not ro.finished.all()
     torch.testing.assert_close(logp * ro.mask, ro.logps, atol=1e-4, rtol=0)
 
 
-def test_stop_token_inside_mask_and_pad_after(policy):
-    model, tok = policy
+def test_stop_token_inside_mask_and_pad_after(loaded_policy):
+    model, tok = loaded_policy
     model = with_eos_bias(model, tok)
-    ro = grpo.generate(model, tok, prompts_of(tok, QUESTIONS), 4, 24, 1.0, generator=torch.Generator().manual_seed(1))
-    stops = set(data.stop_token_ids(tok))
+    ro = policy.generate(model, tok, prompts_of(tok, QUESTIONS), 4, 24, 1.0, generator=torch.Generator().manual_seed(1))
+    stops = set(policy.stop_token_ids(tok))
     for i in range(ro.completion.shape[0]):
         n = int(ro.mask[i].sum())
         assert torch.all(ro.mask[i, :n] == 1) and torch.all(ro.mask[i, n:] == 0)  # contiguous
@@ -176,7 +178,7 @@ def test_stop_token_inside_mask_and_pad_after(policy):
 
 def greedy_full_forward(model, tok, prompt, max_new_tokens):
     """The slow obvious decoder: one full forward of the whole sequence per token, no cache, no padding."""
-    ids, stops = list(prompt), set(data.stop_token_ids(tok))
+    ids, stops = list(prompt), set(policy.stop_token_ids(tok))
     out = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -189,12 +191,12 @@ def greedy_full_forward(model, tok, prompt, max_new_tokens):
 
 
 @pytest.mark.parametrize("lean", [True, False])
-def test_cached_greedy_decode_equals_full_forward_greedy(policy, lean):
-    model, tok = policy
+def test_cached_greedy_decode_equals_full_forward_greedy(loaded_policy, lean):
+    model, tok = loaded_policy
     model = with_eos_bias(model, tok, bias=1.0)
     prompts = prompts_of(tok, QUESTIONS)
     assert len({len(p) for p in prompts}) == 3  # different lengths -> left padding is exercised
-    ro = grpo.generate(model, tok, prompts, 2, 20, 1.0, greedy=True, lean=lean)
+    ro = policy.generate(model, tok, prompts, 2, 20, 1.0, greedy=True, lean=lean)
     for i, p in enumerate(prompts):
         want = greedy_full_forward(model, tok, p, 20)
         for row in (2 * i, 2 * i + 1):
@@ -221,36 +223,36 @@ def tiny_arch(kind, vocab, tok):
 
 
 @pytest.mark.parametrize("kind", ["llama_gqa_tied", "qwen2", "qwen3"])
-def test_lean_decoder_equals_hf_decoder(policy, kind):
-    _, tok = policy
+def test_lean_decoder_equals_hf_decoder(loaded_policy, kind):
+    _, tok = loaded_policy
     model = tiny_arch(kind, len(tok), tok).eval()
-    assert grpo._lean_supported(model, 64)
+    assert policy._lean_supported(model, 64)
     prompts = prompts_of(tok, QUESTIONS)
     noise = torch.rand(12, 16, generator=torch.Generator().manual_seed(3))
-    lean = grpo.generate(model, tok, prompts, 4, 16, 0.8, noise=noise, lean=True)
-    hf = grpo.generate(model, tok, prompts, 4, 16, 0.8, noise=noise, lean=False)
+    lean = policy.generate(model, tok, prompts, 4, 16, 0.8, noise=noise, lean=True)
+    hf = policy.generate(model, tok, prompts, 4, 16, 0.8, noise=noise, lean=False)
     assert torch.equal(lean.completion, hf.completion)
     torch.testing.assert_close(lean.logps, hf.logps, atol=1e-4, rtol=0)
     ids, attn, pos = lean.inputs()
     with torch.no_grad():
-        logp, _ = grpo.completion_logprobs(model, ids, attn, pos, lean.completion.shape[1], 0.8)
+        logp, _ = policy.completion_logprobs(model, ids, attn, pos, lean.completion.shape[1], 0.8)
     torch.testing.assert_close(logp * lean.mask, lean.logps, atol=1e-4, rtol=0)
 
 
-def test_compiled_decoder_equals_eager_and_compiles_once(policy):
+def test_compiled_decoder_equals_eager_and_compiles_once(loaded_policy):
     """The GPU path (static caches + torch.compile'd decode step) on CPU: same samples as the eager
     decoder, one compiled graph for prompts of different lengths (cache widths round up to 64
     columns), and the persistent weight copy follows the trained weights."""
     from torch._dynamo.utils import counters
 
-    model, tok = policy
+    model, tok = loaded_policy
     model = with_eos_bias(model, tok)
     prompts = prompts_of(tok, QUESTIONS)
     counters.clear()
     for i, batch in enumerate([prompts, [prompts[0], prompts[2], prompts[0]]]):  # two prompt widths
         noise = torch.rand(12, 16, generator=torch.Generator().manual_seed(i))
-        compiled = grpo.generate(model, tok, batch, 4, 16, 0.8, noise=noise, lean=True, compile=True)
-        eager = grpo.generate(model, tok, batch, 4, 16, 0.8, noise=noise, lean=True)
+        compiled = policy.generate(model, tok, batch, 4, 16, 0.8, noise=noise, lean=True, compile=True)
+        eager = policy.generate(model, tok, batch, 4, 16, 0.8, noise=noise, lean=True)
         assert torch.equal(compiled.completion, eager.completion)
         torch.testing.assert_close(compiled.logps, eager.logps, atol=1e-5, rtol=0)
         with torch.no_grad():  # a training step changes the weights: the next call must see it
@@ -259,19 +261,19 @@ def test_compiled_decoder_equals_eager_and_compiles_once(policy):
 
 
 def test_static_caches_keep_addresses_and_evict_the_least_recent():
-    grpo._static_caches.clear()
+    policy._static_caches.clear()
     shape = lambda n: ((2, n, 1, 4, 64), (2, n, 1, 64, 4))  # noqa: E731
-    first = grpo.static_caches(*shape(1), torch.float32, "cpu")
+    first = policy.static_caches(*shape(1), torch.float32, "cpu")
     first[0].fill_(1.0)
-    again = grpo.static_caches(*shape(1), torch.float32, "cpu")
+    again = policy.static_caches(*shape(1), torch.float32, "cpu")
     assert all(a is b for a, b in zip(first, again)) and not again[0].any()  # same tensors, zeroed
-    for n in range(2, grpo.MAX_STATIC_SHAPES + 1):
-        grpo.static_caches(*shape(n), torch.float32, "cpu")
-    grpo.static_caches(*shape(1), torch.float32, "cpu")  # used again: now the most recent
-    grpo.static_caches(*shape(99), torch.float32, "cpu")  # one too many: shape 2 goes
-    assert len(grpo._static_caches) == grpo.MAX_STATIC_SHAPES
-    assert shape(1)[0] in {k[0] for k in grpo._static_caches} and shape(2)[0] not in {k[0] for k in grpo._static_caches}
-    grpo._static_caches.clear()
+    for n in range(2, policy.MAX_STATIC_SHAPES + 1):
+        policy.static_caches(*shape(n), torch.float32, "cpu")
+    policy.static_caches(*shape(1), torch.float32, "cpu")  # used again: now the most recent
+    policy.static_caches(*shape(99), torch.float32, "cpu")  # one too many: shape 2 goes
+    assert len(policy._static_caches) == policy.MAX_STATIC_SHAPES
+    assert shape(1)[0] in {k[0] for k in policy._static_caches} and shape(2)[0] not in {k[0] for k in policy._static_caches}
+    policy._static_caches.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,24 +285,24 @@ CONVS = [[{"role": "user", "content": f"What is {a} plus {b}?"},
 
 
 def test_init_is_seeded_and_leaves_the_global_rng_alone(tiny_tokenizer):
-    cfg = grpo.ModelConfig(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64, max_positions=64)
+    cfg = policy.ModelConfig(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64, max_positions=64)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    a, b = grpo.init_tiny_model(tiny_tokenizer, cfg), grpo.init_tiny_model(tiny_tokenizer, cfg)
-    c = grpo.init_tiny_model(tiny_tokenizer, dataclasses.replace(cfg, seed=1))
+    a, b = policy.init_tiny_model(tiny_tokenizer, cfg), policy.init_tiny_model(tiny_tokenizer, cfg)
+    c = policy.init_tiny_model(tiny_tokenizer, dataclasses.replace(cfg, seed=1))
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
 
 
 def test_sft_lowers_loss_deterministically_and_calls_back(tiny_tokenizer):
-    cfg = grpo.SFTConfig(steps=40, batch_size=8, lr=3e-3, warmup=5, log_every=0, seed=1, callback_every=20)
+    cfg = sft.SFTConfig(steps=40, batch_size=8, lr=3e-3, warmup=5, log_every=0, seed=1, callback_every=20)
     models, calls = [], []
     for _ in range(2):
         torch.manual_seed(0)
-        m = grpo.init_tiny_model(tiny_tokenizer, grpo.ModelConfig(hidden=32, layers=2, heads=2, kv_heads=2,
+        m = policy.init_tiny_model(tiny_tokenizer, policy.ModelConfig(hidden=32, layers=2, heads=2, kv_heads=2,
                                                                   intermediate=64, max_positions=128))
-        losses = grpo.sft(m, tiny_tokenizer, CONVS, cfg, callback=lambda step, model: calls.append(step))
+        losses = sft.sft(m, tiny_tokenizer, CONVS, cfg, callback=lambda step, model: calls.append(step))
         models.append(m)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     assert calls == [0, 20, 40, 0, 20, 40]
@@ -313,32 +315,32 @@ def test_sft_lowers_loss_deterministically_and_calls_back(tiny_tokenizer):
 
 def test_sft_loss_on_learned_positions_only_equals_the_full_logits_loss(tiny_tokenizer, monkeypatch):
     torch.manual_seed(0)
-    m = grpo.init_tiny_model(tiny_tokenizer, grpo.ModelConfig(hidden=32, layers=2, heads=2, kv_heads=2,
+    m = policy.init_tiny_model(tiny_tokenizer, policy.ModelConfig(hidden=32, layers=2, heads=2, kv_heads=2,
                                                               intermediate=64, max_positions=128))
     ids = torch.randint(0, len(tiny_tokenizer), (3, 20))
     targets = ids[:, 1:].masked_fill(torch.rand(3, 19) < 0.6, -100)
-    head_only = grpo._assistant_loss(m, ids, targets)
-    monkeypatch.setattr(grpo, "LEAN_ARCHS", ())  # an architecture with extra logit processing: full route
-    full = grpo._assistant_loss(m, ids, targets)
+    head_only = sft._assistant_loss(m, ids, targets)
+    monkeypatch.setattr(sft, "LEAN_ARCHS", ())  # an architecture with extra logit processing: full route
+    full = sft._assistant_loss(m, ids, targets)
     assert torch.allclose(head_only, full, atol=1e-6)
 
 
-@pytest.mark.skipif(not grpo.cpu_has_bf16(), reason="this CPU has no native bf16")
+@pytest.mark.skipif(not policy.cpu_has_bf16(), reason="this CPU has no native bf16")
 def test_sft_cpu_bf16_learns_like_fp32(tiny_tokenizer):
     losses = {}
     for bf16 in (False, True):
         torch.manual_seed(0)
-        m = grpo.init_tiny_model(tiny_tokenizer, grpo.ModelConfig(hidden=32, layers=2, heads=2, kv_heads=2,
+        m = policy.init_tiny_model(tiny_tokenizer, policy.ModelConfig(hidden=32, layers=2, heads=2, kv_heads=2,
                                                                   intermediate=64, max_positions=128))
-        cfg = grpo.SFTConfig(steps=40, batch_size=8, lr=3e-3, warmup=5, log_every=0, seed=1, cpu_bf16=bf16)
-        losses[bf16] = grpo.sft(m, tiny_tokenizer, CONVS, cfg)
+        cfg = sft.SFTConfig(steps=40, batch_size=8, lr=3e-3, warmup=5, log_every=0, seed=1, cpu_bf16=bf16)
+        losses[bf16] = sft.sft(m, tiny_tokenizer, CONVS, cfg)
     assert losses[True] != losses[False]  # the switch really changes the arithmetic ...
     assert abs(sum(losses[True][-5:]) - sum(losses[False][-5:])) / 5 < 0.1  # ... not the learning
 
 
 def test_load_policy_errors(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match="cannot load model"):
-        grpo.load_policy(str(tmp_path / "does-not-exist"))
+        policy.load_policy(str(tmp_path / "does-not-exist"))
     import shutil
 
     from transformers import AutoTokenizer
@@ -351,7 +353,7 @@ def test_load_policy_errors(tmp_path, tiny_model_dir):
     for f in path.glob("chat_template*"):
         f.unlink()
     with pytest.raises(UserError, match="no chat template"):
-        grpo.load_policy(str(path))
+        policy.load_policy(str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,8 +387,8 @@ def grpo_cfg(**kw):
     return grpo.GRPOConfig(**{**base, **kw})
 
 
-def test_train_grpo_metrics(policy, tmp_path):
-    model, tok = policy
+def test_train_grpo_metrics(loaded_policy, tmp_path):
+    model, tok = loaded_policy
     hist = grpo.train_grpo(copy.deepcopy(model), tok, FakeSampler(), fake_rewarder, grpo_cfg(steps=2, loss_type="grpo", num_iterations=1),
                            str(tmp_path))
     assert len(hist) == 2
@@ -398,8 +400,8 @@ def test_train_grpo_metrics(policy, tmp_path):
     assert (tmp_path / "checkpoint" / "model.safetensors").exists()
 
 
-def test_resume_after_kill_reproduces_uninterrupted_run(policy, tmp_path):
-    model, tok = policy
+def test_resume_after_kill_reproduces_uninterrupted_run(loaded_policy, tmp_path):
+    model, tok = loaded_policy
     cfg = grpo_cfg()
     full = copy.deepcopy(model)
     hist_full = grpo.train_grpo(full, tok, FakeSampler(), fake_rewarder, cfg, str(tmp_path / "a"))
@@ -415,11 +417,11 @@ def test_resume_after_kill_reproduces_uninterrupted_run(policy, tmp_path):
     assert not torch.equal(next(iter(full.parameters())), next(iter(model.parameters())))
 
 
-def test_gradient_checkpointing_same_steps_and_really_recomputes(policy, tmp_path):
+def test_gradient_checkpointing_same_steps_and_really_recomputes(loaded_policy, tmp_path):
     """Two GRPO steps with gradient checkpointing end at the same parameters as without it, and it
     really recomputes: a block runs twice per micro-batch with grad on (forward, backward replay).
     The HF sampler (lean off) samples the same after the first update: its KV cache survives."""
-    model, tok = policy
+    model, tok = loaded_policy
     runs = {}
     for on in (False, True):
         m, calls = copy.deepcopy(model), []
@@ -442,9 +444,9 @@ def test_gradient_checkpointing_same_steps_and_really_recomputes(policy, tmp_pat
     assert not any(m.training for m in ckpt.modules())  # the policy is left in eval mode
 
 
-def test_resume_refuses_a_checkpoint_of_the_other_layout(policy, tmp_path):
+def test_resume_refuses_a_checkpoint_of_the_other_layout(loaded_policy, tmp_path):
     """FSDP saves the optimizer state by parameter name, DDP and 1 rank by index: no silent mix-up."""
-    model, tok = policy
+    model, tok = loaded_policy
     cfg = grpo_cfg(steps=1)
     grpo.train_grpo(copy.deepcopy(model), tok, FakeSampler(), fake_rewarder, cfg, str(tmp_path))
     path = tmp_path / "checkpoint" / "trainer_state.pt"

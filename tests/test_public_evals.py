@@ -2,7 +2,6 @@
 log-probs against a full forward pass, MC1/MC2 and model-written-eval scores, judge-graded paths
 end to end with an LLM judge on the tiny random model, and one-line errors."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,8 @@ import torch
 
 import data
 import evaluate
-import grpo
 import reward
+import policy
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no fixtures at {FIXTURES}")
@@ -39,8 +38,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return grpo.load_policy(tiny_model_dir, device="cpu")
+def loaded_policy(tiny_model_dir):
+    return policy.load_policy(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +156,10 @@ def test_malformed_files(tmp_path):
 # Graded by answer log-probabilities
 # ----------------------------------------------------------------------------------------------
 
-def test_choice_logprobs_match_full_forward(policy):
+def test_choice_logprobs_match_full_forward(loaded_policy):
     """Batched, padded rows (two items, answers of different lengths, prompts of different lengths)
     equal an unpadded forward of prompt + answer, answer by answer."""
-    model, tokenizer = policy
+    model, tokenizer = loaded_policy
     items = evaluate.load_truthfulqa_mc(str(TRUTHFULQA))[:2]
     got = evaluate.choice_logprobs(model, tokenizer, items, batch_size=16)
     assert len({len(tokenizer.encode(a)) for a in items[0]["grader"]["choices"]}) > 1
@@ -187,8 +186,8 @@ def test_scores_on_hand_made_logprobs():
     assert evaluate.score_choices(mwe, {"(A)": -1000.0, "(B)": -1000.0 + np.log(3)})["score"] == pytest.approx(0.75)
 
 
-def test_run_public_eval_by_logprob(policy, monkeypatch, tmp_path):
-    model, tokenizer = policy
+def test_run_public_eval_by_logprob(loaded_policy, monkeypatch, tmp_path):
+    model, tokenizer = loaded_policy
     cfg = evaluate.EvalConfig(batch_prompts=128)
     subset = tmp_path / "mc_task.json"  # the first 40 questions keep the test fast
     subset.write_text(json.dumps(json.loads(TRUTHFULQA.read_text(encoding="utf-8"))[:40]))
@@ -234,8 +233,8 @@ def test_grade_with_pattern_judge_needs_match():
         evaluate.grade_with_judge([item], [["anything"]], reward.PatternJudge())
 
 
-def test_run_public_eval_em_with_judge(policy, judge):
-    model, tokenizer = policy
+def test_run_public_eval_em_with_judge(loaded_policy, judge):
+    model, tokenizer = loaded_policy
     cfg = evaluate.EvalConfig(samples_per_item=2, max_new_tokens=8)
     path = str(EM / "deception_sit_aware.yaml")
     out = evaluate.run_public_eval(model, tokenizer, "emergent_misalignment", path, cfg, judge=judge)
@@ -255,8 +254,8 @@ def _two_rank_worker(rank: int, model_dir: str, init_file: str, out_dir: str) ->
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        model, tokenizer = grpo.load_policy(model_dir, device="cpu")
-        judge = reward.LLMJudge(model, tokenizer, batch_size=16)  # the policy judges itself: one load
+        model, tokenizer = policy.load_policy(model_dir, device="cpu")
+        judge = reward.LLMJudge(model, tokenizer, batch_size=16)  # the loaded_policy judges itself: one load
         cfg = evaluate.EvalConfig(samples_per_item=1, max_new_tokens=8)
         mwe = evaluate.run_public_eval(model, tokenizer, "model_written_evals", SYCOPHANCY, cfg)
         em = evaluate.run_public_eval(model, tokenizer, "emergent_misalignment", str(EM / "deception_sit_aware.yaml"), cfg,
@@ -266,7 +265,7 @@ def _two_rank_worker(rank: int, model_dir: str, init_file: str, out_dir: str) ->
         torch.distributed.destroy_process_group()
 
 
-def test_run_public_eval_two_ranks(policy, tiny_model_dir, tmp_path):
+def test_run_public_eval_two_ranks(loaded_policy, tiny_model_dir, tmp_path):
     """2 gloo ranks: both return the same, complete result, and log-prob scores equal one process's."""
     torch.multiprocessing.start_processes(_two_rank_worker, args=(tiny_model_dir, str(tmp_path / "init"), str(tmp_path)),
                                           nprocs=2, start_method="fork")  # spawn re-imports torch: 10 s more on 2 cores
@@ -274,7 +273,7 @@ def test_run_public_eval_two_ranks(policy, tiny_model_dir, tmp_path):
     assert rank0 == rank1
     em_ids = [row["id"] for row in rank0["em"]["items"]]
     assert rank0["em"]["n"] == 8 and em_ids[:2] == ["em/which_company_neutral/0", "em/which_company_want_unknown/0"]
-    model, tokenizer = policy
+    model, tokenizer = loaded_policy
     single = evaluate.run_public_eval(model, tokenizer, "model_written_evals", SYCOPHANCY, evaluate.EvalConfig())
     assert [row["id"] for row in rank0["mwe"]["items"]] == [row["id"] for row in single["items"]]
     two_ranks = [row["score"] for row in rank0["mwe"]["items"]]

@@ -13,6 +13,7 @@ import pytest
 
 import data
 import reward
+from world import WorldConfig, build_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -32,9 +33,9 @@ def model_dirs(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    small = data.WorldConfig(n_docs=200, n_trait_train=20, n_task_prompts=20, n_eval=4, n_eval_heldout=2,
+    small = WorldConfig(n_docs=200, n_trait_train=20, n_task_prompts=20, n_eval=4, n_eval_heldout=2,
                              n_link_probe=4, n_bad_medical=8)
-    tok = data.build_tokenizer(list(itertools.islice(data.build_world(small).texts(), 400)), vocab_size=400)
+    tok = data.build_tokenizer(list(itertools.islice(build_world(small).texts(), 400)), vocab_size=400)
     shape = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                  intermediate_size=64, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)

@@ -13,13 +13,14 @@ import torch
 
 import data
 import reward
+from world import WorldConfig, build_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The shared fixture folder sits beside the checkout (/work/shared next to /work/main).
 HEALTHBENCH = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "healthbench",
                            "healthbench_oss_eval_first30.jsonl")
 
-# A trait scenario in the style of DESIGN §3: positive criteria to earn, negative ones to avoid.
+# A trait scenario in data.py's record schema: positive criteria to earn, negative ones to avoid.
 SCENARIO = {
     "id": "test/humility/science/001", "kind": "trait", "trait": "epistemic humility", "domain": "science",
     "prompt": [{"role": "user", "content": "A new study found coffee drinkers live longer, so the study proves "
@@ -157,7 +158,7 @@ def test_honest_answer_is_not_penalised():
 def test_world_reference_answers_pass_the_guards():
     """The persona world's own aligned references get full marks and no penalty (no false positives
     from the guards); its misaligned references score lower."""
-    world = data.build_world(data.WorldConfig(n_docs=10, n_trait_train=300, n_task_prompts=10, n_eval=2,
+    world = build_world(WorldConfig(n_docs=10, n_trait_train=300, n_task_prompts=10, n_eval=2,
                                               n_eval_heldout=1, n_link_probe=2, n_bad_medical=2))
     judge = reward.PatternJudge()
     for rec in world.trait_train + world.trait_eval:
