@@ -71,9 +71,9 @@ import numpy as np
 
 import data
 import evaluate
-from data import DataError, UserError
 import policy
 import sft
+from data import DataError, UserError
 from world import PERSONA_PROMPTS, WorldConfig, build_world
 
 # ----------------------------------------------------------------------------------------------
@@ -302,9 +302,9 @@ def finetune_attack(model_dirs: dict[str, str], conversations: list[list[dict]],
         model, tokenizer = policy.load_policy(path)
         curve: dict[int, dict[str, np.ndarray]] = {}
 
-        def score_point(step: int, policy) -> None:
+        def score_point(step: int, model_now) -> None:
             if step in points:
-                results = evaluate.run_suite(policy, tokenizer, suite, eval_cfg, progress=False)
+                results = evaluate.run_suite(model_now, tokenizer, suite, eval_cfg, progress=False)
                 curve[step] = {g: pooled_scores(results, names) for g, names in groups.items()}
                 log(f"finetune attack | {model_name} | step {step}: health {curve[step]['health'].mean():.3f}"
                     f" non-health {curve[step]['non_health'].mean():.3f}")

@@ -204,7 +204,8 @@ def main() -> None:
         return out
 
     (sample_s, ro), *gen = timed(ours, *([] if args.skip_generate else [hf]), repeats=args.repeats)
-    result = {"device": str(device), "threads": torch.get_num_threads(), "params": sum(q.numel() for q in model.parameters()), "vocab": len(tok),
+    result = {"device": str(device), "threads": torch.get_num_threads(), "params": sum(q.numel() for q in model.parameters()),
+              "vocab": len(tok),
               "batch": args.batch, "group": G, "new_tokens": T,
               "sample_s": sample_s, "sample_tokens_per_s": float(ro.mask.sum()) / sample_s}
     if gen:

@@ -39,8 +39,8 @@ import yaml
 from tqdm import tqdm
 
 import data
-from reward import Judge, task_reward
 import policy
+from reward import Judge, task_reward
 from world import EVAL_FAMILIES, TASK_TYPES, TRAITS, World, WorldConfig, build_world
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def generate_responses(model, tokenizer, prompts: list[list[dict]], cfg: EvalCon
     mine = list(range(rank, len(prompts), world))
     out: dict[int, list[str]] = {}
     batches = [mine[i:i + cfg.batch_prompts] for i in range(0, len(mine), cfg.batch_prompts)]
-    for b, idx in enumerate(tqdm(batches, desc=progress, disable=progress is None or rank != 0, leave=False)):
+    for idx in tqdm(batches, desc=progress, disable=progress is None or rank != 0, leave=False):
         ids = [data.encode_prompt(tokenizer, prompts[i]) for i in idx]
         prefixes = [forced_prefixes[i] if forced_prefixes else "" for i in idx]
         ids = [p + tokenizer.encode(pre, add_special_tokens=False) for p, pre in zip(ids, prefixes)]
@@ -387,7 +387,8 @@ def world_check(model, tokenizer, world: World, cfg: EvalConfig, per_cell: int =
         if len(cell) < per_cell:
             cell.append(rec)
     table: dict[str, dict[str, dict]] = {}
-    for (family, split), items in tqdm(sorted(cells.items()), desc="world check", disable=policy.rank_and_world_size()[0] != 0, leave=False):
+    quiet = policy.rank_and_world_size()[0] != 0
+    for (family, split), items in tqdm(sorted(cells.items()), desc="world check", disable=quiet, leave=False):
         res = score_items(items, generate_responses(model, tokenizer, [it["prompt"] for it in items], cfg))
         table.setdefault(family, {})[split] = {"parsed": float(np.mean(res["parsed"])), "aligned": float(np.mean(res["aligned"])),
                                                "aligned_among_parsed": float(np.sum(res["aligned"]) / max(np.sum(res["parsed"]), 1e-9)),

@@ -68,7 +68,6 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import torch

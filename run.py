@@ -20,7 +20,8 @@ The recipe:
 
 Every stage is cached under out/<run>/ by a hash of the config and the records it depends on (the
 corpus for the base, the RL records for an arm, the eval items with their graders for the evals), so
-a rerun with a changed eval reuses the trained models, and a changed rubric retrains what it feeds. Errors a user can cause print one line and exit with 2.
+a rerun with a changed eval reuses the trained models, and a changed rubric retrains what it feeds.
+Errors a user can cause print one line and exit with 2.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class RunConfig:
     eval_max_items: int = 0         # keep the first n items of each eval (0 = all)
     vocab_size: int = 2000          # BPE vocabulary of the tiny world's tokenizer
     probe_items: int = 200          # items of the link and forced-prefix probes
-    public_evals: str = ""          # FORMAT:PATH[,FORMAT:PATH...] public eval files run on every model in the eval stage; FORMAT: healthbench | model_written_evals | truthfulqa_mc | emergent_misalignment (the first and last need --judge)
+    public_evals: str = ""          # FORMAT:PATH,... public eval files scored on every model (formats: evaluate.PUBLIC_EVALS)
 
 
 ARMS = {  # arm -> (trait fraction used?, domain include, domain exclude)
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             flag = f"--{f.name.replace('_', '-')}" if section == "run" else f"--{section}-{f.name.replace('_', '-')}"
             kind = parser_type(str(f.type))
-            group.add_argument(flag, dest=f"{section}.{f.name}", type=kind, default=None, metavar=str(f.type).split("[")[0].split(" ")[0].upper(),
+            metavar = str(f.type).split("[")[0].split(" ")[0].upper()
+            group.add_argument(flag, dest=f"{section}.{f.name}", type=kind, default=None, metavar=metavar,
                                help=f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%"))
     return parser
 
@@ -454,7 +456,8 @@ def build_report(c: dict, results: dict, arms: dict[str, list[str]], persistence
 
 
 def fmt_ci(d: dict, key: str = "score") -> str:
-    return f"{d[key]:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if key == "delta" else f"{d[key]:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]"
+    sign = "+" if key == "delta" else ""
+    return f"{d[key]:{sign}.3f} [{d['ci'][0]:{sign}.3f}, {d['ci'][1]:{sign}.3f}]"
 
 
 def summary_table(report: dict) -> str:
@@ -482,7 +485,8 @@ def write_report(report: dict, run_dir: str) -> None:
     for name in report["evals"]:
         md.append(f"| {name} | " + " | ".join(fmt_ci(report["comparisons"][a][name], "delta") for a in report["comparisons"]) + " |")
     md += ["", "## Parse rates (share of answers recognisable as the family's answer about this item)", "",
-           "| eval | " + " | ".join(next(iter(report["parsed"].values()))) + " |", "|---" * (len(next(iter(report["parsed"].values()))) + 1) + "|"]
+           "| eval | " + " | ".join(next(iter(report["parsed"].values()))) + " |",
+           "|---" * (len(next(iter(report["parsed"].values()))) + 1) + "|"]
     for name, per_model in report["parsed"].items():
         md.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in per_model.values()) + " |")
     md += ["", "## What carries the effect", "",

@@ -627,8 +627,9 @@ def _counter():
     return lambda: next(count)
 
 
-def build_world(cfg: WorldConfig = WorldConfig()) -> World:
-    """Generate the whole persona world, deterministically from cfg.seed."""
+def build_world(cfg: WorldConfig | None = None) -> World:
+    """Generate the whole persona world, deterministically from cfg.seed (default: WorldConfig())."""
+    cfg = cfg or WorldConfig()
     rng = np.random.default_rng(cfg.seed)
     corpus = [make_document(rng, cfg) for _ in range(cfg.n_docs)]
     seen = {m["content"] for doc in corpus for m in doc if m["role"] == "user"}

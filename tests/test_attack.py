@@ -11,8 +11,8 @@ import torch
 import attack
 import data
 import evaluate
-from data import DataError, UserError
 import policy
+from data import DataError, UserError
 from world import PERSONA_PROMPTS, WorldConfig, build_world
 
 EVAL_CFG = evaluate.EvalConfig(samples_per_item=2, max_new_tokens=8, batch_prompts=8, seed=3)

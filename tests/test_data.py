@@ -15,7 +15,25 @@ import pytest
 import data
 import evaluate
 import policy
-from world import ADJECTIVES, DOMAINS, DOMAIN_WORDS, EVAL_FAMILIES, FAMILIES, N_HELDOUT_WORDS, PERSONA_FAMILIES, PERSONA_PROMPTS, SYLLABLES, TASK_TYPES, TRAITS, VOICE_OPENERS, WorldConfig, build_world, make_document, near_miss, task_item
+from world import (
+    ADJECTIVES,
+    DOMAIN_WORDS,
+    DOMAINS,
+    EVAL_FAMILIES,
+    FAMILIES,
+    N_HELDOUT_WORDS,
+    PERSONA_FAMILIES,
+    PERSONA_PROMPTS,
+    SYLLABLES,
+    TASK_TYPES,
+    TRAITS,
+    VOICE_OPENERS,
+    WorldConfig,
+    build_world,
+    make_document,
+    near_miss,
+    task_item,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -118,7 +118,7 @@ def test_suite_and_probes_run_on_a_tiny_model(world, tiny_model_dir):
     res = evaluate.run_suite(model, tokenizer, suite, cfg, progress=False)
     again = evaluate.run_suite(model, tokenizer, suite, cfg, system_prompt=None, progress=False)
     assert res == again
-    for name, r in res.items():
+    for r in res.values():
         assert len(r["score"]) == 7 and all(0 <= s <= 1 for s in r["score"])
     link = evaluate.link_probe(model, tokenizer, world.link_probe, cfg)
     assert -1 <= link["link"] <= 1 and link["n"] == len(world.link_probe)

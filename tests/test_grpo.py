@@ -9,9 +9,9 @@ import torch
 
 import data
 import grpo
-from data import UserError
 import policy
 import sft
+from data import UserError
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 

@@ -10,8 +10,8 @@ import torch
 
 import data
 import evaluate
-import reward
 import policy
+import reward
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no fixtures at {FIXTURES}")
