@@ -785,7 +785,7 @@ def mismatch_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: t
                            like the k1 estimate mean(sampler - old); k3 is chosen because every term
                            is >= 0 (k1's terms have either sign and cancel: a step's mean can be
                            negative or ~0 while the two disagree token by token) and its variance
-                           is far lower at small gaps (Schulman 2020).
+                           is lower when the two are close (Schulman 2020).
       mismatch/trunc_frac  fraction of weights the cap truncates (w > cap): of tokens at token level
                            and when off, of sequences (rows with >= 1 completion token) at sequence level
     Pads never matter: their log-ratio is masked to 0 (weight 1) before anything is computed."""
