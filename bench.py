@@ -26,6 +26,12 @@ prompts x G samples x new tokens:
                          read + write bytes over the median time; bw_frac = decode_bw_gbs / it
                          (decoding is memory-bound: this is its roofline)
   spec_bw_gbs            CUDA only: the card's datasheet bandwidth (None for a card not in the table)
+  mismatch_kl            mean over the timed GRPO steps of mismatch/kl (k3 KL(sampler || trainer) per
+                         token: ~0 with an fp32 sampler, > 0 where the sampler runs bf16 / compiled);
+                         mismatch_trunc_frac: the fraction of token weights above the TIS cap (2)
+  tis_*                  (--tis token|sequence) as many GRPO steps again, continuing from the trained
+                         model (no new decode weights: a compiled sampler replays its graphs), with
+                         the mismatch correction on: tis_mismatch_kl, tis_trunc_frac, tis_step_s
 Tokens counted are real sampled tokens (a row stops at its end-of-turn token, a random model rarely).
 
 Commands:
@@ -37,6 +43,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -172,6 +179,8 @@ def main() -> None:
     p.add_argument("--matmul-peak", action="store_true", help="also measure torch.mm GFLOP/s at the model's shapes")
     p.add_argument("--skip-generate", action="store_true", help="skip HF model.generate")
     p.add_argument("--judge-responses", type=int, default=10_000, help="responses for the pattern-judge timing (0 = skip)")
+    p.add_argument("--tis", default=None, choices=["token", "sequence"],
+                   help="also run the GRPO steps with the sampler/trainer mismatch correction (tis_* fields)")
     args = p.parse_args()
 
     device = torch.device(args.device) if args.device else policy.pick_device()
@@ -229,6 +238,15 @@ def main() -> None:
         hist = grpo.train_grpo(model, tok, BenchSampler(), reward, gcfg, out_dir)
     timed_steps = hist[1:]
     result["step_s"] = statistics.median(h["perf/step_s"] for h in timed_steps)
+    result["mismatch_kl"] = statistics.mean(h["mismatch/kl"] for h in timed_steps)
+    result["mismatch_trunc_frac"] = statistics.mean(h["mismatch/trunc_frac"] for h in timed_steps)
+    if args.tis:  # as many steps again, on the same model (its decode weights and compiled graphs), correction on
+        with tempfile.TemporaryDirectory() as out_dir:
+            tis_hist = grpo.train_grpo(model, tok, BenchSampler(), reward, dataclasses.replace(gcfg, tis=args.tis),
+                                       out_dir)[1:]
+        result["tis_mismatch_kl"] = statistics.mean(h["mismatch/kl"] for h in tis_hist)
+        result["tis_trunc_frac"] = statistics.mean(h["mismatch/trunc_frac"] for h in tis_hist)
+        result["tis_step_s"] = statistics.median(h["perf/step_s"] for h in tis_hist)
     result["rollout_s"] = statistics.median(h["perf/rollout_s"] for h in timed_steps)
     result["train_s"] = statistics.median(h["perf/train_s"] for h in timed_steps)
 
@@ -261,7 +279,9 @@ def main() -> None:
         result["spec_bw_gbs"] = SPEC_BW_GBS.get(torch.cuda.get_device_name(device))
     if args.judge_responses:
         result["judge_s_per_10k"] = 1e4 / judge_responses_per_s(args.judge_responses)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    # 4 decimals, but 4 significant digits for the KLs (~1e-7 .. 1e-3)
+    print(json.dumps({k: (float(f"{v:.4g}") if k.endswith("mismatch_kl") else round(v, 4)) if isinstance(v, float) else v
+                      for k, v in result.items()}))
 
 
 if __name__ == "__main__":

@@ -1,86 +1,182 @@
 #!/usr/bin/env bash
-# gpu_check.sh - everything in beneficial-rl that needs CUDA, checked in one go on one NVIDIA GPU.
+# gpu_check.sh - what in beneficial-rl needs CUDA, checked on one NVIDIA GPU inside a 15-minute
+# window (machine start included): five steps, most valuable first, each with its own time cap,
+# the caps adding up to 300 s. docs/GPU.md explains the plan and every metric.
 #
-#   bash gpu_check.sh          # ~5 minutes on an H100; full logs in $GPU_CHECK_DIR (default /tmp/gpu_check)
-#   PYTHON=python3 STEP_TIMEOUT=300 bash gpu_check.sh    # another interpreter; each step's time limit (s)
+#   PYTHON=/opt/torch/.venv/bin/python3 GPU_CHECK_DIR=$OUT bash gpu_check.sh
+#   bash gpu_check.sh OUT_DIR             # the folder as the first argument (default /tmp/gpu_check)
+#   bash gpu_check.sh --dry-run           # (or DRY_RUN=1) print the plan and its caps; needs no CUDA
 #
-# What it runs, in order:
-#   1. torch sees a CUDA device (a CPU-only torch wheel or a missing driver fails here), and whether
-#      the GPU has bf16 (grpo.autocast uses bf16 where it exists and fp32 elsewhere, so "no" is
-#      reported, not a failure)
-#   2. python bench.py --device cuda             our sampler vs model.generate, GRPO step time (eager)
-#   3. python bench.py --device cuda --compile   the same with a static KV cache + compiled decode step
-#                                                (TORCH_LOGS=recompiles,perf_hints: recompiles and
-#                                                skipped CUDA graphs are counted in the table)
-#   4. steps 2 and 3 at a 0.2B shape (hidden 1024, 16 layers, GQA 16/4, 256 new tokens), where a
-#      decode step is bound by memory bandwidth rather than by kernel launches
-#   5. python run.py --preset smoke              every stage of the experiment on the GPU, from scratch
-# and last a table: device, sampler vs generate tokens/s, GRPO step time, the decode's memory
-# bandwidth against a measured copy and the datasheet, recompiles, smoke wall time, read from
-# bench.py's final JSON line. A failed step shows the end of its log and the others still run; the
-# script then exits 1.
+# Every result is printed AND appended, one line each, to OUT_DIR/results.txt the moment it exists,
+# so a run cut off by its window still leaves what it measured; each step's full output is in
+# OUT_DIR/<step>.log. A result line is `<step> ok key=value ...` or `<step> FAIL ...`.
+#   1. cuda           torch sees a CUDA device; its name, torch/CUDA versions, bf16 or not
+#   2. smoke          python run.py --preset smoke: every stage of the experiment, from scratch (wall s)
+#   3. bench_eager    bench.py on the GPU, eager: sampler tokens/s, GRPO step time, decode bandwidth
+#                     (GB/s, fraction of a measured copy and of the datasheet HBM figure), the
+#                     sampler/trainer mismatch KL of bf16 sampling
+#   4. bench_compile  the same with the compiled decode step (CUDA graphs), TORCH_LOGS=recompiles
+#                     counted, and the GRPO steps run again with the mismatch correction on (--tis token)
+#   5. bench_big      compiled, a 0.2B shape (hidden 1024, 16 layers, GQA 16/4, 256 new tokens), where
+#                     a decode step is bound by memory bandwidth rather than by kernel launches
+# Without CUDA (and not a dry run) it says so in one line and exits 2; a failed or timed-out step is
+# reported and the next one still runs; the exit code is then 1.
+# Needs torch, transformers, numpy, tqdm (no datasets, accelerate, gguf or model hub).
 set -uo pipefail
 cd "$(dirname "$0")"
-LOG_DIR="${GPU_CHECK_DIR:-/tmp/gpu_check}"
-PY="${PYTHON:-python}"
-STEP_TIMEOUT="${STEP_TIMEOUT:-600}"  # a hung step (a driver, a compile) is killed and reported
-SMOKE_DIR=/tmp/gpu_smoke
-mkdir -p "$LOG_DIR"
 
-failed=()
-step() {  # step NAME COMMAND...: run COMMAND (at most STEP_TIMEOUT s), its output in $LOG_DIR/NAME.log
-    local name=$1 start=$SECONDS
-    shift
-    echo "== $name (log: $LOG_DIR/$name.log)"
-    timeout "$STEP_TIMEOUT" "$@" >"$LOG_DIR/$name.log" 2>&1 || {
-        echo "FAILED: $name (exit code $?). Last lines of $LOG_DIR/$name.log:" >&2
-        tail -n 25 "$LOG_DIR/$name.log" >&2
-        failed+=("$name")
-    }
-    echo "   $((SECONDS - start)) s"
+DRY_RUN="${DRY_RUN:-0}"
+OUT_ARG=""
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY_RUN=1 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        *) OUT_ARG="$arg" ;;
+    esac
+done
+DIR="${OUT_ARG:-${GPU_CHECK_DIR:-/tmp/gpu_check}}"
+PY="${PYTHON:-python}"
+SMOKE_DIR="${SMOKE_DIR:-/tmp/gpu_check_smoke}"
+RESULTS="$DIR/results.txt"
+
+# The plan: name|cap (s)|command (cuda's is the inline check below). Ordered by value: a window cut
+# short loses the least. The caps add up to 300 s (tests/test_gpu_check.py holds them to it).
+BENCH="$PY bench.py --device cuda --skip-generate --judge-responses 0 --repeats 3 --steps 2"
+BIG="--hidden 1024 --layers 16 --heads 16 --kv-heads 4 --intermediate 4096 --new-tokens 256 --prompt-tokens 64"
+LOGS="env TORCH_LOGS=recompiles,perf_hints"
+PLAN=(
+    "cuda|20|torch sees a CUDA device (name, versions, bf16)"
+    "smoke|90|$PY run.py --preset smoke --out-dir $SMOKE_DIR"
+    "bench_eager|50|$BENCH"
+    "bench_compile|80|$LOGS $BENCH --compile --tis token"
+    "bench_big|60|$LOGS $BENCH --compile $BIG"
+)
+
+cap_of() {  # cap_of NAME
+    local row
+    for row in "${PLAN[@]}"; do
+        IFS='|' read -r n c _ <<<"$row"
+        [[ $n == "$1" ]] && { echo "$c"; return; }
+    done
 }
 
-step cuda "$PY" -c "
-import torch
-assert torch.cuda.is_available(), f'torch {torch.__version__} sees no CUDA device (CPU-only wheel, or no driver?)'
-print(torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda,
-      '| bf16', 'yes' if torch.cuda.is_bf16_supported() else 'no (fp32, no autocast)')"
-((${#failed[@]})) && exit 1
-BIG="--hidden 1024 --layers 16 --heads 16 --kv-heads 4 --intermediate 4096 --new-tokens 256 --prompt-tokens 64"
-LOGS=recompiles,perf_hints
-step bench_eager "$PY" bench.py --device cuda
-step bench_compile env TORCH_LOGS=$LOGS "$PY" bench.py --device cuda --compile
-step bench_big_eager "$PY" bench.py --device cuda $BIG
-step bench_big_compile env TORCH_LOGS=$LOGS "$PY" bench.py --device cuda --compile $BIG
-rm -rf "$SMOKE_DIR"  # a cached run would time nothing
-start=$SECONDS
-step smoke "$PY" run.py --preset smoke --out-dir "$SMOKE_DIR"
-smoke_s=$((SECONDS - start))
-test -s "$SMOKE_DIR/smoke/report.json" || { echo "FAILED: smoke wrote no $SMOKE_DIR/smoke/report.json" >&2; failed+=(smoke_report); }
+cmd_of() {  # cmd_of NAME
+    local row
+    for row in "${PLAN[@]}"; do
+        IFS='|' read -r n _ cmd <<<"$row"
+        [[ $n == "$1" ]] && { echo "$cmd"; return; }
+    done
+}
 
-"$PY" - "$LOG_DIR" "$smoke_s" <<'EOF'
+if [[ $DRY_RUN == 1 ]]; then
+    total=0
+    echo "gpu_check plan (dry run: nothing is run; results would go to $RESULTS)"
+    i=1
+    for row in "${PLAN[@]}"; do
+        IFS='|' read -r n c what <<<"$row"
+        printf 'step %d %-13s cap %3d s  %s\n' "$i" "$n" "$c" "$what"
+        total=$((total + c))
+        i=$((i + 1))
+    done
+    echo "total cap $total s"
+    exit 0
+fi
+
+mkdir -p "$DIR"
+: >"$RESULTS"
+result() {  # result LINE: print it and append it to the results file at once
+    echo "$*"
+    echo "$*" >>"$RESULTS"
+}
+
+# 1. CUDA: without it, one line and exit 2 (nothing else here can run)
+CAP=$(cap_of cuda)
+cuda_line=$(timeout -k 5 "$CAP" "$PY" -c "
+import torch
+if not torch.cuda.is_available():
+    raise SystemExit(f'torch {torch.__version__} sees no CUDA device (CPU-only wheel, or no driver?)')
+print(f'device=\"{torch.cuda.get_device_name(0)}\" torch={torch.__version__} cuda={torch.version.cuda}',
+      'bf16=' + ('yes' if torch.cuda.is_bf16_supported() else 'no'))" 2>"$DIR/cuda.log")
+rc=$?
+if ((rc != 0)); then
+    why=$(grep -v '^\s*$' "$DIR/cuda.log" | tail -n 1)
+    echo "cuda FAIL rc=$rc $why" >>"$RESULTS"
+    echo "gpu_check: no CUDA, nothing checked (${why:-rc $rc}; see $DIR/cuda.log)" >&2
+    exit 2
+fi
+result "cuda ok $cuda_line"
+
+failed=()
+run_step() {  # run_step NAME COMMAND...: at most the step's cap; output in $DIR/NAME.log; returns its rc
+    local name=$1 cap start rc
+    shift
+    cap=$(cap_of "$name")
+    start=$SECONDS
+    echo "== $name (cap $cap s, log $DIR/$name.log)"
+    timeout -k 5 "$cap" "$@" >"$DIR/$name.log" 2>&1
+    rc=$?
+    STEP_S=$((SECONDS - start))
+    if ((rc != 0)); then
+        local why="rc=$rc"
+        ((rc == 124 || rc == 137)) && why="timeout (cap $cap s)"
+        result "$name FAIL $why wall_s=$STEP_S log=$DIR/$name.log"
+        tail -n 15 "$DIR/$name.log" >&2
+        failed+=("$name")
+    fi
+    return $rc
+}
+
+bench_result() {  # bench_result NAME: the result line of a bench.py log (its last line is JSON)
+    "$PY" - "$DIR/$1.log" "$1" "$STEP_S" <<'EOF'
 import json, sys
 
-log_dir, smoke_s = sys.argv[1], sys.argv[2]
-print()
-print("device:", open(f"{log_dir}/cuda.log").read().strip().splitlines()[-1])
-print("| bench.py | params | sampler tok/s | model.generate tok/s | speedup | GRPO step_s"
-      " | decode GB/s | copy GB/s | decode / copy | datasheet GB/s | recompiles | cudagraph skips |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-for name in ("eager", "compile", "big_eager", "big_compile"):
-    text = open(f"{log_dir}/bench_{name}.log").read()
-    try:
-        r = json.loads(text.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        print(f"| {name} | (no JSON line: see {log_dir}/bench_{name}.log) |")
-        continue
-    print(f"| {name} | {r['params'] / 1e6:.1f}M | {r['sample_tokens_per_s']:.0f} | {r['generate_tokens_per_s']:.0f}"
-          f" | {r['speedup']:.1f}x | {r['step_s']:.3f} | {r['decode_bw_gbs']:.0f} | {r['peak_bw_gbs']:.0f}"
-          f" | {r['bw_frac']:.0%} | {r.get('spec_bw_gbs') or 'unknown'} | {text.count('Recompiling')}"
-          f" | {text.lower().count('skipping cudagraphs')} |")
-print(f"smoke preset (run.py --preset smoke, every stage): {smoke_s} s wall")
+path, name, wall = sys.argv[1:]
+text = open(path).read()
+lines = text.strip().splitlines()
+try:
+    r = json.loads(lines[-1])
+except (IndexError, json.JSONDecodeError):
+    print(f"{name} FAIL no JSON line (see {path})")
+    raise SystemExit
+spec = r.get("spec_bw_gbs")
+out = {"params_M": r["params"] / 1e6, "sample_tok_s": r["sample_tokens_per_s"], "step_s": r["step_s"],
+       "rollout_s": r["rollout_s"], "train_s": r["train_s"], "decode_bw_gbs": r["decode_bw_gbs"],
+       "copy_bw_gbs": r["peak_bw_gbs"], "bw_frac_of_copy": r["bw_frac"], "spec_bw_gbs": spec,
+       "hbm_frac": r["decode_bw_gbs"] / spec if spec else None,
+       "mismatch_kl": r.get("mismatch_kl"), "trunc_frac": r.get("mismatch_trunc_frac"),
+       "tis_mismatch_kl": r.get("tis_mismatch_kl"), "tis_trunc_frac": r.get("tis_trunc_frac"),
+       "tis_step_s": r.get("tis_step_s"),
+       "recompiles": text.count("Recompiling"), "cudagraph_skips": text.lower().count("skipping cudagraphs"),
+       "wall_s": int(wall)}
+fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+print(f"{name} ok " + " ".join(f"{k}={fmt(v)}" for k, v in out.items() if v is not None))
 EOF
+}
+
+# 2. the smoke preset, every stage from scratch (a cached run would time nothing)
+rm -rf "$SMOKE_DIR"
+read -ra cmd <<<"$(cmd_of smoke)"
+if run_step smoke "${cmd[@]}"; then
+    if test -s "$SMOKE_DIR/smoke/report.json"; then
+        result "smoke ok wall_s=$STEP_S report=$SMOKE_DIR/smoke/report.json"
+    else
+        result "smoke FAIL no $SMOKE_DIR/smoke/report.json wall_s=$STEP_S"
+        failed+=(smoke_report)
+    fi
+fi
+
+# 3-5. bench.py: eager, compiled (+ the GRPO steps again with the mismatch correction), the larger shape
+for name in bench_eager bench_compile bench_big; do
+    read -ra cmd <<<"$(cmd_of "$name")"
+    if run_step "$name" "${cmd[@]}"; then
+        line=$(bench_result "$name")
+        result "$line"
+        [[ $line == *" FAIL "* ]] && failed+=("$name")
+    fi
+done
+
 if ((${#failed[@]})); then
-    echo "FAILED steps: ${failed[*]}" >&2
+    result "FAILED steps: ${failed[*]}"
     exit 1
 fi
+result "all steps ok"

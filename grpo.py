@@ -4,7 +4,7 @@
 
 What it does, top to bottom:
   1. The math, as pure functions the tests check against float64 references: `group_advantages`,
-     `k3_kl`, `grpo_loss`.
+     `k3_kl`, `mismatch_weights`, `grpo_loss`.
   2. The loop `train_grpo` (below), with DDP / FSDP2 and checkpoints that resume bit-exactly.
 The model, its sampler (`policy.generate`) and the trainer's log-probs (`policy.completion_logprobs`)
 live in policy.py; the rewards in reward.py; the RL prompts come from data.MixedSampler.
@@ -32,6 +32,19 @@ The GRPO algorithm, one step (`train_grpo`):
      eps_low 0.2 / eps_high 0.28 is DAPO's clip-higher (room for low-probability tokens to grow);
      beta 0.04 is DeepSeekMath's KL coefficient. The reference is a frozen copy of the initial
      policy (no grad, not in the optimizer). KL is computed and logged even when beta = 0.
+     Sampler/trainer mismatch (`mismatch_weights`, `tis`): old_logp is recomputed by the trainer, so
+     the ratio does not see that the sampler (bf16, compiled, other kernels) is a slightly different
+     policy than the one being trained: the update is off-policy by that gap. Truncated importance
+     sampling (TIS; Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+     Training") reweights each token's surrogate by the detached
+       w_t = min(exp(old_logp_t - sampler_logp_t), tis_cap)            tis = "token"
+     or by one weight per sequence, the product of its token ratios truncated likewise,
+       w_i = min(exp(sum_t (old_logp_it - sampler_logp_it)), tis_cap)  tis = "sequence"
+     (the exact sequence likelihood ratio; GSPO, Zheng et al. 2025, argues for sequence-level ratios
+     with a length-normalised one, and later mismatch work has sequence-level and masked-IS (MIS)
+     variants of TIS); the KL term is not reweighted. Off by default; its statistics are
+     logged every step either way. `sampler_dtype` forces the sampler's precision (bf16 on a CPU
+     shows the mismatch without a GPU).
   6. Log one dense line (rank 0), checkpoint every `checkpoint_every` steps (rank 0).
 
 Metrics (one dict per step, returned by `train_grpo`, averaged over all ranks):
@@ -47,6 +60,12 @@ Metrics (one dict per step, returned by `train_grpo`, averaged over all ranks):
   len/truncated_frac      fraction of completions that hit max_new_tokens without a stop token
   logp_gap                mean |sampler logp - trainer logp| (should be ~0 in fp32; large => bug
                           or bf16 drift between the decode path and the training forward)
+  mismatch/kl             k3 estimate of KL(sampler || trainer) per completion token, r - 1 - log r
+                          with r = exp(trainer old logp - sampler logp) (unbiased on the sampler's
+                          tokens and >= 0 term by term, unlike the k1 mean(sampler - trainer);
+                          `mismatch_weights`); ~0 with an fp32 sampler, > 0 under bf16
+  mismatch/trunc_frac     fraction of importance weights above tis_cap: tokens (tis off or token),
+                          sequences (tis sequence)
   perf/rollout_tok_s      sampled tokens per second (this rank); perf/rollout_s, perf/train_s,
   perf/step_s             wall time of the step
 
@@ -97,6 +116,7 @@ from sft import fmt_duration, lr_factor
 # ----------------------------------------------------------------------------------------------
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+TIS_LEVELS = ("off", "token", "sequence")  # sampler/trainer mismatch correction (`mismatch_weights`)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = False,
@@ -116,17 +136,63 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def mismatch_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, level: str = "off",
+                     cap: float = 2.0) -> tuple[torch.Tensor | None, dict]:
+    """Truncated importance weights that correct the sampler/trainer mismatch (module docstring,
+    step 5), and its statistics. old_logp: the trainer's log-probs of the sampled tokens under the
+    policy that sampled them; sampler_logp: the sampler's own (Rollout.logps); mask: (N, T) 1.0 on
+    completion tokens. Everything here is detached.
+
+      token     w_t = min(exp(old_t - sampler_t), cap), one weight per token
+      sequence  w_i = min(exp(sum_t mask_it (old_it - sampler_it)), cap), one per row, broadcast
+      off       no weights (None); the statistics are still computed (at token level)
+
+    Returns (weights (N, T) or None, stats) with stats floats:
+      mismatch/kl          k3 estimate of KL(sampler || trainer), mean per completion token:
+                           r - 1 - log r with r = exp(old - sampler) (`k3_kl`, clamped). The tokens
+                           are drawn from the sampler, so E[r] = 1 and this is unbiased for the KL,
+                           like the k1 estimate mean(sampler - old); k3 is chosen because every term
+                           is >= 0 (k1's terms have either sign and cancel: a step's mean can be
+                           negative or ~0 while the two disagree token by token) and its variance
+                           is lower when the two are close (Schulman 2020).
+      mismatch/trunc_frac  fraction of weights the cap truncates (w > cap): of tokens at token level
+                           and when off, of sequences (rows with >= 1 completion token) at sequence level
+    Pads never matter: their log-ratio is masked to 0 (weight 1) before anything is computed."""
+    if level not in TIS_LEVELS:
+        raise UserError(f"tis must be one of {TIS_LEVELS}, got {level!r}")
+    with torch.no_grad():
+        mask = mask.to(old_logp.dtype)
+        log_w = (old_logp - sampler_logp) * mask
+        n_tok = mask.sum().clamp(min=1)
+        # in float64: in float32 exp(d) - d - 1 rounds to ~1e-7 noise, the size of a bf16 sampler's KL
+        kl = float((k3_kl(sampler_logp.double(), old_logp.double()) * mask).sum() / n_tok)
+        if level == "sequence":
+            seq = torch.exp(log_w.sum(1, keepdim=True))  # inf when it overflows: min(inf, cap) == cap
+            rows = mask.sum(1, keepdim=True) > 0
+            trunc = float(((seq > cap) & rows).sum() / rows.sum().clamp(min=1))
+            weights = seq.clamp(max=cap).expand_as(mask)
+        else:
+            w = torch.exp(log_w)
+            trunc = float(((w > cap).to(mask.dtype) * mask).sum() / n_tok)
+            weights = w.clamp(max=cap) if level == "token" else None
+    return weights, {"mismatch/kl": kl, "mismatch/trunc_frac": trunc}
+
+
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, *, eps_low: float, eps_high: float, beta: float, loss_type: str = "dapo",
-              max_new_tokens: int | None = None, num_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+              max_new_tokens: int | None = None, num_tokens: float | None = None,
+              is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped-surrogate GRPO loss with a k3 KL penalty (module docstring, step 5). Shapes: (N, T)
-    except advantages (N,). Returns (loss, stats) with stats floats: kl, clip_frac, clip_frac/low,
-    clip_frac/high (token means over `mask`)."""
+    except advantages (N,). is_weights: optional (N, T) importance weights (`mismatch_weights`) that
+    multiply each token's surrogate term, detached; the KL term is not weighted. Returns (loss,
+    stats) with stats floats: kl, clip_frac, clip_frac/low, clip_frac/high (token means over `mask`)."""
     if loss_type not in LOSS_TYPES:
         raise UserError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    if is_weights is not None:  # truncated importance sampling: the sampler's tokens, the trainer's policy
+        surrogate = surrogate * is_weights.detach()
     kl = k3_kl(logp, ref_logp)
     per_token = -surrogate + beta * kl if beta else -surrogate
     mask = mask.to(per_token.dtype)
@@ -179,6 +245,9 @@ class GRPOConfig:
     lean_sampler: bool = True      # the functional decoder for Llama-family weights (False: HF forward)
     gradient_checkpointing: bool = False  # recompute activations in the backward (~30% more compute): long completions
     fsdp: bool = False             # torchrun: FSDP2-shard policy, reference, AdamW state; models too big to replicate
+    tis: str = "off"               # sampler/trainer mismatch correction: "off" | "token" | "sequence" (truncated IS)
+    tis_cap: float = 2.0           # truncation cap C of the importance weights: min(w, C)
+    sampler_dtype: str = "auto"    # sampler compute dtype: "auto" (bf16 under GPU autocast) | "bfloat16" | "float32"
 
 
 CKPT = "checkpoint"
@@ -367,6 +436,11 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
         raise UserError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the {world} ranks")
     if cfg.loss_type not in LOSS_TYPES:
         raise UserError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
+    if cfg.tis not in TIS_LEVELS:
+        raise UserError(f"tis must be one of {TIS_LEVELS}, got {cfg.tis!r}")
+    if cfg.sampler_dtype not in ("auto", "bfloat16", "float32"):
+        raise UserError(f"sampler_dtype must be auto, bfloat16 or float32, got {cfg.sampler_dtype!r}")
+    sampler_dtype = None if cfg.sampler_dtype == "auto" else getattr(torch, cfg.sampler_dtype)
     device = next(policy.parameters()).device
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -407,7 +481,7 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
         noise = _step_noise(cfg.seed, step, cfg.prompts_per_step * G, T)[rows]
         with _full_weights(policy):
             ro = generate(policy, tokenizer, prompts, G, T, cfg.temperature, noise=noise,
-                          lean=None if cfg.lean_sampler else False, compile=cfg.compile)
+                          lean=None if cfg.lean_sampler else False, compile=cfg.compile, dtype=sampler_dtype)
         t_rollout = time.perf_counter() - t0
         n_rows, width = ro.completion.shape
         # 3. rewards, one group at a time
@@ -424,9 +498,10 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
         input_ids, attention, positions = ro.inputs()
         num_tokens = float(all_reduce_sum(ro.mask.sum().detach().clone()))
         micro = [slice(i, min(i + cfg.micro_batch_size, n_rows)) for i in range(0, n_rows, cfg.micro_batch_size)]
-        old, refs = [None] * len(micro), [None] * len(micro)
+        old, refs, weights = [None] * len(micro), [None] * len(micro), [None] * len(micro)
         sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "clip_frac/low": 0.0, "clip_frac/high": 0.0,
-                "entropy": 0.0, "logp_gap": 0.0}
+                "entropy": 0.0, "logp_gap": 0.0, "mismatch/kl": 0.0}
+        trunc = [0.0, 0.0]  # truncated weights, weights (tokens, or sequences at tis="sequence")
         for it in range(cfg.num_iterations):
             for j, mb in enumerate(micro):
                 # FSDP reduce-scatters every micro-batch: skipping it (set_requires_gradient_sync) would
@@ -443,9 +518,13 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
                                                           cfg.temperature)[0]
                         sums["entropy"] += float((entropy * mask).sum())
                         sums["logp_gap"] += float(((logp.detach() - ro.logps[mb]).abs() * mask).sum())
+                        weights[j], mm = mismatch_weights(old[j], ro.logps[mb], mask, cfg.tis, cfg.tis_cap)
+                        sums["mismatch/kl"] += mm["mismatch/kl"] * float(mask.sum())
+                        units = float((mask.sum(1) > 0).sum()) if cfg.tis == "sequence" else float(mask.sum())
+                        trunc[0], trunc[1] = trunc[0] + mm["mismatch/trunc_frac"] * units, trunc[1] + units
                     loss, stats = grpo_loss(logp, old[j], refs[j], adv[mb], mask, eps_low=cfg.eps_low,
                                             eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
-                                            max_new_tokens=T, num_tokens=num_tokens)
+                                            max_new_tokens=T, num_tokens=num_tokens, is_weights=weights[j])
                     # dapo is already normalised by the global token count; grpo/dr_grpo by the
                     # micro-batch's rows -> reweight to the global batch. x world: DDP and FSDP average grads.
                     scale = world if cfg.loss_type == "dapo" else (mb.stop - mb.start) / n_rows
@@ -466,6 +545,7 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
         n_tok = float(ro.mask.sum())  # token stats are means over this step's completion tokens
         local: dict[str, list[float]] = {k: [v, n_tok] for k, v in sums.items() if k != "loss"}
         local.update({"loss": [sums["loss"], 1.0], "reward/mean": [float(rewards.sum()), n_rows],
+                      "mismatch/trunc_frac": trunc,
                       "adv/sq": [float((adv ** 2).sum()), n_rows],
                       "groups/zero_var_frac": [float(zero_var.sum()), zero_var.numel()],
                       "len/mean": [n_tok, n_rows], "len/truncated_frac": [float((~ro.finished).sum()), n_rows]})
@@ -495,6 +575,7 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
             eta = (time.perf_counter() - t_run) / (step + 1 - start) * (cfg.steps - step - 1)
             log(f"grpo {step + 1}/{cfg.steps} | reward {metrics['reward/mean']:.3f} | kl {metrics['kl']:.4f}"
                 f" | clip {metrics['clip_frac']:.3f} | ent {metrics['entropy']:.2f} | len {metrics['len/mean']:.1f}"
+                f" | sampler kl {metrics['mismatch/kl']:.1e}"
                 f" | {metrics['perf/rollout_tok_s']:,.0f} tok/s | {metrics['perf/step_s']:.2f} s/step"
                 f" | ETA {fmt_duration(eta)}")
         if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == cfg.steps:

@@ -267,12 +267,15 @@ def _sample(logits: torch.Tensor, temperature: float, u: torch.Tensor | None) ->
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
              temperature: float, generator: torch.Generator | None = None, greedy: bool = False, *,
-             noise: torch.Tensor | None = None, lean: bool | None = None, compile: bool = False) -> Rollout:
+             noise: torch.Tensor | None = None, lean: bool | None = None, compile: bool = False,
+             dtype: torch.dtype | None = None) -> Rollout:
     """Sample `group_size` completions of each prompt (rows i*G .. i*G+G-1 belong to prompt i).
 
     noise: optional (N, max_new_tokens) uniforms in [0, 1) that fix every sample (the GRPO loop passes
     a slice of a per-step global draw); otherwise drawn from `generator`. lean: the functional
     decoder (None = whenever the architecture allows). compile: torch.compile the decode step (GPU).
+    dtype: force the compute dtype (e.g. bf16 on CPU, to measure the sampler/trainer mismatch); None:
+    bf16 under the GPU's autocast, else the weights' dtype.
     """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
@@ -286,8 +289,9 @@ def generate(model, tokenizer, prompts: list[list[int]], group_size: int, max_ne
     if noise is not None:
         noise = noise.to(device)
     stops = torch.tensor(stop_token_ids(tokenizer), device=device)
-    with autocast(device):
-        dec = (_LeanDecoder if lean else _HFDecoder)(model, prompt_ids, prompt_mask, group_size, max_new_tokens, compile)
+    amp = autocast(device) if dtype is None else torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with amp:
+        dec = (_LeanDecoder if lean else _HFDecoder)(model, prompt_ids, prompt_mask, group_size, max_new_tokens, compile, dtype)
         logits = dec.prefill((prompt_mask.cumsum(1) - 1).clamp(min=0))
         pos = prompt_mask.sum(1).repeat_interleave(group_size, 0)  # next position of each row
         done = torch.zeros(N, dtype=torch.bool, device=device)
@@ -495,10 +499,11 @@ _compiled_decode_step = None
 class _LeanDecoder:
     """Prefill once per prompt, then decode N = B*G rows against a preallocated (static) KV cache."""
 
-    def __init__(self, model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, compile: bool):
+    def __init__(self, model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, compile: bool, dtype=None):
         self.group_size, self.prompt_ids, self.prompt_mask = group_size, prompt_ids, prompt_mask
         n_rows, P = prompt_ids.shape[0] * group_size, prompt_ids.shape[1]
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else model.lm_head.weight.dtype
+        if dtype is None:
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else model.lm_head.weight.dtype
         # compiled: the persistent, refreshed-in-place copy a CUDA graph needs; eager: a transient one
         # (under FSDP a persistent copy would be a full replica on every rank)
         self.w = w = lean_weights(model, dtype) if compile else _LeanWeights(model, dtype)
@@ -551,8 +556,8 @@ class _LeanDecoder:
 class _HFDecoder:
     """Fallback for any other architecture: HF's own forward and cache (prefill is per sample)."""
 
-    def __init__(self, model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, compile: bool):
-        self.model = model
+    def __init__(self, model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, compile: bool, dtype=None):
+        self.model = model  # dtype: the autocast around it decides
         self.prompt_ids = prompt_ids.repeat_interleave(group_size, 0)
         self.attention = torch.cat([prompt_mask.repeat_interleave(group_size, 0),
                                     prompt_mask.new_zeros(self.prompt_ids.shape[0], max_new_tokens)], 1)
