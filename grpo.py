@@ -5,7 +5,8 @@
 What it does, top to bottom:
   1. The math, as pure functions the tests check against float64 references: `group_advantages`,
      `k3_kl`, `mismatch_weights`, `grpo_loss`.
-  2. The loop `train_grpo` (below), with DDP / FSDP2 and checkpoints that resume bit-exactly.
+  2. The loop `train_grpo`.
+  3. What the loop calls for DDP / FSDP2 and for checkpoints that resume bit-exactly.
 The model, its sampler (`policy.generate`) and the trainer's log-probs (`policy.completion_logprobs`)
 live in policy.py; the rewards in reward.py; the RL prompts come from data.MixedSampler.
 
@@ -250,166 +251,11 @@ class GRPOConfig:
     sampler_dtype: str = "auto"    # sampler compute dtype: "auto" (bf16 under GPU autocast) | "bfloat16" | "float32"
 
 
-CKPT = "checkpoint"
-
-
 def _step_noise(seed: int, step: int, rows: int, max_new_tokens: int) -> torch.Tensor:
     """Uniforms for every global row of a step: a function of (seed, step) only, so the samples do not
     depend on the number of ranks and need no saved generator state to resume."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return torch.rand((rows, max_new_tokens), generator=g)
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsdp_units(model) -> list:
-    """The modules `fully_shard` sharded (none for a plain or DDP model)."""
-    if rank_and_world_size()[1] == 1:
-        return []
-    import torch.distributed.fsdp as fsdp
-
-    return [m for m in model.modules() if isinstance(m, getattr(fsdp, "FSDPModule", ()))]  # () before torch 2.6
-
-
-def _fully_shard(model) -> None:
-    """FSDP2: one all-gather unit per decoder block, then the root (embeddings, final norm, head).
-    Every unit reshards after its forward, the root too: the reference never runs the backward in
-    which FSDP would otherwise reshard the root."""
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:
-        raise UserError(f"fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}") from None
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise UserError(f"fsdp shards the decoder blocks in model.model.layers; {type(model).__name__} has none")
-    for layer in layers:
-        fully_shard(layer, reshard_after_forward=True)
-    fully_shard(model, reshard_after_forward=True)
-
-
-@contextlib.contextmanager
-def _full_weights(model):
-    """FSDP: every unit's full weights for the length of the block. After unshard() each module's
-    .weight is again a plain, full nn.Parameter, which is what the lean sampler reads. Forwards keep
-    them gathered (reshard_after_forward off): the HF fallback decoder runs the model once per token,
-    ranks stop decoding at different steps, so no forward may all-gather. A no-op without FSDP."""
-    units = _fsdp_units(model)
-    for m in units:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in units:
-            m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
-
-
-def _full_state(policy, optimizer=None) -> tuple[dict | None, dict | None]:
-    """(model state, optimizer state) to save. FSDP: gathered from every rank (a collective: call it
-    on all of them) to CPU, full tensors on rank 0, the optimizer's keyed by parameter name.
-    Otherwise (None: save_pretrained reads the model itself, optimizer.state_dict())."""
-    if not _fsdp_units(policy):
-        return None, None if optimizer is None else optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(policy, options=opts),
-            None if optimizer is None else get_optimizer_state_dict(policy, optimizer, options=opts))
-
-
-def save_policy(policy, tokenizer, path: str, state_dict: dict | None = None) -> None:
-    """save_pretrained (safetensors) + the tokenizer, written by rank 0. Call it on every rank: an FSDP
-    policy's full weights are gathered from all of them first (or pass them as `state_dict`)."""
-    if state_dict is None:
-        state_dict = _full_state(policy)[0]
-    if rank_and_world_size()[0] == 0:
-        policy.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(path)
-
-
-def save_checkpoint(out_dir: str, policy, tokenizer, optimizer, scheduler, step: int, history: list[dict],
-                    cfg: GRPOConfig) -> None:
-    """Call it on every rank (FSDP gathers the full state from all of them); rank 0 writes to a
-    temporary directory, then swaps it in: a kill mid-save never loses the last one."""
-    weights, optim = _full_state(policy, optimizer)
-    if rank_and_world_size()[0] != 0:
-        return
-    final, tmp = os.path.join(out_dir, CKPT), os.path.join(out_dir, CKPT + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_policy(policy, tokenizer, tmp, weights)
-    torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "history": history,
-                "rng": _rng_state(), "config": asdict(cfg), "fsdp": weights is not None},
-               os.path.join(tmp, "trainer_state.pt"))
-    old = final + ".old"  # the previous checkpoint stays on disk until the new one is in place
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(out_dir: str, policy, fsdp: bool) -> dict:
-    """Load the saved weights into the (not yet sharded) policy; return the trainer state, whose
-    optimizer state `_load_optimizer` restores once the optimizer exists."""
-    path = os.path.join(out_dir, CKPT)
-    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):  # killed between the two renames
-        path = os.path.join(out_dir, CKPT + ".old")
-    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
-        raise UserError(f"{os.path.join(out_dir, CKPT)}: no checkpoint to resume from")
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    if state.get("fsdp", False) != fsdp:  # the two keep the optimizer state in different layouts
-        raise UserError(f"{path} was saved {'with' if state.get('fsdp') else 'without'} FSDP: resume it the same way"
-                        " (--grpo-fsdp under torchrun)")
-    saved = type(policy).from_pretrained(path, dtype=next(policy.parameters()).dtype)
-    policy.load_state_dict(saved.state_dict())
-    return state
-
-
-def _load_optimizer(policy, optimizer, saved: dict) -> None:
-    if _fsdp_units(policy):  # full tensors by parameter name; each rank keeps its shard
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(policy, optimizer, saved, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(saved)
-
-
-def _checkpointed(policy) -> list:
-    """Turn on HF gradient checkpointing (each decoder block's activations are recomputed in the
-    backward instead of kept); returns the modules whose training mode decides it (`_recompute`)."""
-    # transformers 5 renamed it (the old name warns); the first argument is the checkpoint's kwargs in both
-    enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
-    return [m for m in policy.modules() if getattr(m, "gradient_checkpointing", False) is True]
-
-
-@contextlib.contextmanager
-def _recompute(modules: list):
-    """HF checkpoints only while those modules are in training mode, and policy.train() would turn on
-    dropout too (the sampler, the old policy and the trainer must be one function): so flip
-    `training` on them alone, for the update only (with it on, older transformers also drop the KV
-    cache the HF fallback sampler asks for)."""
-    for m in modules:
-        m.training = True
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.training = False
 
 
 def _numeric(d: dict) -> dict:
@@ -583,6 +429,165 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
             if world > 1:
                 dist.barrier()
     return history
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Distributed training, checkpoints and exact resume (what train_grpo calls)
+# ----------------------------------------------------------------------------------------------
+
+CKPT = "checkpoint"
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsdp_units(model) -> list:
+    """The modules `fully_shard` sharded (none for a plain or DDP model)."""
+    if rank_and_world_size()[1] == 1:
+        return []
+    import torch.distributed.fsdp as fsdp
+
+    return [m for m in model.modules() if isinstance(m, getattr(fsdp, "FSDPModule", ()))]  # () before torch 2.6
+
+
+def _fully_shard(model) -> None:
+    """FSDP2: one all-gather unit per decoder block, then the root (embeddings, final norm, head).
+    Every unit reshards after its forward, the root too: the reference never runs the backward in
+    which FSDP would otherwise reshard the root."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise UserError(f"fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}") from None
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise UserError(f"fsdp shards the decoder blocks in model.model.layers; {type(model).__name__} has none")
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)
+
+
+@contextlib.contextmanager
+def _full_weights(model):
+    """FSDP: every unit's full weights for the length of the block. After unshard() each module's
+    .weight is again a plain, full nn.Parameter, which is what the lean sampler reads. Forwards keep
+    them gathered (reshard_after_forward off): the HF fallback decoder runs the model once per token,
+    ranks stop decoding at different steps, so no forward may all-gather. A no-op without FSDP."""
+    units = _fsdp_units(model)
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def _full_state(policy, optimizer=None) -> tuple[dict | None, dict | None]:
+    """(model state, optimizer state) to save. FSDP: gathered from every rank (a collective: call it
+    on all of them) to CPU, full tensors on rank 0, the optimizer's keyed by parameter name.
+    Otherwise (None: save_pretrained reads the model itself, optimizer.state_dict())."""
+    if not _fsdp_units(policy):
+        return None, None if optimizer is None else optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(policy, options=opts),
+            None if optimizer is None else get_optimizer_state_dict(policy, optimizer, options=opts))
+
+
+def save_policy(policy, tokenizer, path: str, state_dict: dict | None = None) -> None:
+    """save_pretrained (safetensors) + the tokenizer, written by rank 0. Call it on every rank: an FSDP
+    policy's full weights are gathered from all of them first (or pass them as `state_dict`)."""
+    if state_dict is None:
+        state_dict = _full_state(policy)[0]
+    if rank_and_world_size()[0] == 0:
+        policy.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(path)
+
+
+def save_checkpoint(out_dir: str, policy, tokenizer, optimizer, scheduler, step: int, history: list[dict],
+                    cfg: GRPOConfig) -> None:
+    """Call it on every rank (FSDP gathers the full state from all of them); rank 0 writes to a
+    temporary directory, then swaps it in: a kill mid-save never loses the last one."""
+    weights, optim = _full_state(policy, optimizer)
+    if rank_and_world_size()[0] != 0:
+        return
+    final, tmp = os.path.join(out_dir, CKPT), os.path.join(out_dir, CKPT + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_policy(policy, tokenizer, tmp, weights)
+    torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "history": history,
+                "rng": _rng_state(), "config": asdict(cfg), "fsdp": weights is not None},
+               os.path.join(tmp, "trainer_state.pt"))
+    old = final + ".old"  # the previous checkpoint stays on disk until the new one is in place
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out_dir: str, policy, fsdp: bool) -> dict:
+    """Load the saved weights into the (not yet sharded) policy; return the trainer state, whose
+    optimizer state `_load_optimizer` restores once the optimizer exists."""
+    path = os.path.join(out_dir, CKPT)
+    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):  # killed between the two renames
+        path = os.path.join(out_dir, CKPT + ".old")
+    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        raise UserError(f"{os.path.join(out_dir, CKPT)}: no checkpoint to resume from")
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    if state.get("fsdp", False) != fsdp:  # the two keep the optimizer state in different layouts
+        raise UserError(f"{path} was saved {'with' if state.get('fsdp') else 'without'} FSDP: resume it the same way"
+                        " (--grpo-fsdp under torchrun)")
+    saved = type(policy).from_pretrained(path, dtype=next(policy.parameters()).dtype)
+    policy.load_state_dict(saved.state_dict())
+    return state
+
+
+def _load_optimizer(policy, optimizer, saved: dict) -> None:
+    if _fsdp_units(policy):  # full tensors by parameter name; each rank keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(policy, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved)
+
+
+def _checkpointed(policy) -> list:
+    """Turn on HF gradient checkpointing (each decoder block's activations are recomputed in the
+    backward instead of kept); returns the modules whose training mode decides it (`_recompute`)."""
+    # transformers 5 renamed it (the old name warns); the first argument is the checkpoint's kwargs in both
+    enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    return [m for m in policy.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+@contextlib.contextmanager
+def _recompute(modules: list):
+    """HF checkpoints only while those modules are in training mode, and policy.train() would turn on
+    dropout too (the sampler, the old policy and the trainer must be one function): so flip
+    `training` on them alone, for the update only (with it on, older transformers also drop the KV
+    cache the HF fallback sampler asks for)."""
+    for m in modules:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.training = False
 
 
 # ----------------------------------------------------------------------------------------------
