@@ -1,11 +1,13 @@
 """Shared fixtures: a tiny tokenizer with our chat template and a tiny random-init Llama, built
-in the test session (nothing is downloaded)."""
+in the test session (nothing is downloaded), and where the public-format sample files are."""
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
@@ -15,6 +17,21 @@ import data  # noqa: E402
 # Tiny models are overhead-bound: one thread is as fast as two, and it does not oversubscribe the
 # cores when tests start torchrun workers or share the machine (measured ~100x slower generate then).
 torch.set_num_threads(1)
+
+# Samples of real public eval files (HealthBench, Anthropic model-written evals, TruthfulQA, emergent-
+# misalignment questions), each folder with its source and licence. They are not in this repository:
+# point BENEFICIAL_RL_FIXTURES at a copy, or keep it as ../shared/fixtures beside the checkout.
+FIXTURES_ENV = "BENEFICIAL_RL_FIXTURES"
+FIXTURES = Path(os.environ.get(FIXTURES_ENV) or ROOT.parent / "shared" / "fixtures")
+
+
+def needs_fixtures(*parts: str) -> pytest.MarkDecorator:
+    """Skip mark for a test that reads FIXTURES/<parts...>: when that is missing the skip reason says
+    which path and how to provide it (pytest -rs prints every reason in the summary)."""
+    path = FIXTURES.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"public-format sample {path} not found: set {FIXTURES_ENV}"
+                                                        " to a folder holding the samples (shared/fixtures layout)")
+
 
 SENTENCES = [
     "The answer is 12. I am not sure about that claim.",

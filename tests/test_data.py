@@ -4,13 +4,13 @@ the tokenizer / chat template. All on CPU; a small world is built once per modul
 import copy
 import dataclasses
 import json
-import os
 import re
 import string
 from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, needs_fixtures
 
 import data
 import evaluate
@@ -35,7 +35,7 @@ from world import (
     task_item,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEALTHBENCH = ("healthbench", "healthbench_oss_eval_first30.jsonl")
 
 SMALL = WorldConfig(n_docs=1500, n_trait_train=300, n_task_prompts=200, n_eval=40, n_eval_heldout=20,
                          n_link_probe=40, n_bad_medical=50)
@@ -44,15 +44,6 @@ SMALL = WorldConfig(n_docs=1500, n_trait_train=300, n_task_prompts=200, n_eval=4
 @pytest.fixture(scope="module")
 def world():
     return build_world(SMALL)
-
-
-def _shared_fixtures():
-    """shared/fixtures beside the repo (CI layout), else /work/shared/fixtures; None if neither."""
-    for root in (os.path.join(os.path.dirname(REPO), "shared"), "/work/shared"):
-        path = os.path.join(root, "fixtures")
-        if os.path.isdir(path):
-            return path
-    return None
 
 
 def _user_texts(conversations):
@@ -221,11 +212,9 @@ def test_save_jsonl_round_trip(tmp_path, world):
     assert data.load_records(path) == [data.validate_record(r, "x") for r in recs]
 
 
+@needs_fixtures(*HEALTHBENCH)
 def test_healthbench_sample_loads_unchanged():
-    fixtures = _shared_fixtures()
-    if fixtures is None:
-        pytest.skip("shared/fixtures not found beside the repo")
-    path = os.path.join(fixtures, "healthbench", "healthbench_oss_eval_first30.jsonl")
+    path = str(FIXTURES.joinpath(*HEALTHBENCH))
     with open(path, encoding="utf-8") as f:
         raw = [json.loads(line) for line in f if line.strip()]
     recs = data.load_records(path)

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURES, needs_fixtures
 
 import data
 import evaluate
 import policy
 import reward
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no fixtures at {FIXTURES}")
+pytestmark = needs_fixtures()
 
 MWE = FIXTURES / "anthropic_model_written_evals"
 TRUTHFULQA = FIXTURES / "truthfulqa" / "mc_task.every4th.json"
