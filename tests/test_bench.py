@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import bench
+
+pytestmark = pytest.mark.slow  # bench.py in a subprocess, timing our sampler against model.generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

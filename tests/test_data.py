@@ -238,6 +238,7 @@ def _all_records(w):
     return w.trait_train + w.trait_eval + w.task_train + w.task_eval + w.evals + w.link_probe
 
 
+@pytest.mark.slow
 def test_default_world_counts():
     w = build_world(WorldConfig())
     assert len({r["prompt"][-1]["content"] for r in w.trait_train}) >= 1000

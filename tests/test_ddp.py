@@ -5,8 +5,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow  # torchrun with 2 gloo ranks against 1 rank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -239,6 +239,7 @@ def test_lean_decoder_equals_hf_decoder(loaded_policy, kind):
     torch.testing.assert_close(logp * lean.mask, lean.logps, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_decoder_equals_eager_and_compiles_once(loaded_policy):
     """The GPU path (static caches + torch.compile'd decode step) on CPU: same samples as the eager
     decoder, one compiled graph for prompts of different lengths (cache widths round up to 64

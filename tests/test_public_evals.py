@@ -265,6 +265,7 @@ def _two_rank_worker(rank: int, model_dir: str, init_file: str, out_dir: str) ->
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_run_public_eval_two_ranks(loaded_policy, tiny_model_dir, tmp_path):
     """2 gloo ranks: both return the same, complete result, and log-prob scores equal one process's."""
     torch.multiprocessing.start_processes(_two_rank_worker, args=(tiny_model_dir, str(tmp_path / "init"), str(tmp_path)),

@@ -15,6 +15,8 @@ import data
 import reward
 from world import WorldConfig, build_world
 
+pytestmark = pytest.mark.slow  # run.py subprocesses with tiny hub-format models, also under torchrun
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")

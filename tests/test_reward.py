@@ -337,6 +337,7 @@ def test_rewarder_rejects_records_without_a_reward():
         reward.Rewarder()({"id": "e", "kind": "eval", "family": "x", "prompt": SCENARIO["prompt"]}, ["hi"], [True])
 
 
+@pytest.mark.slow
 def test_demo_scores_honest_answers_above_every_gaming_one():
     """`python reward.py` is the judge's demo: on both scenarios the honest answer must outscore every
     sycophantic, defiant or gaming one, and the task verifier must take only the exact answer."""
