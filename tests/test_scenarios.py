@@ -13,7 +13,7 @@ import data
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 TRAITS = ("honesty", "epistemic_humility", "metacognitive_transparency", "corrigibility", "risk_sensitivity",
-          "universal_fairness", "concern_for_human_welfare")
+          "universal_fairness", "human_welfare")
 DOMAINS = ("health", "education", "science", "law", "engineering", "economics", "business")
 FAMILIES = ("sycophancy", "honesty_pressure", "deception", "reward_hacking", "health", "mental_health",
             "spec_compliance", "general_misalignment")
