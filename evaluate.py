@@ -15,10 +15,13 @@ What it does, in execution order:
   4. Statistics: bootstrap 95% CIs of a score (over items), paired bootstrap CIs of arm - baseline
      (resampling items, the same resample for both models; several seeds are averaged per item
      first), and the "k of N evals improved, m significantly" count of the study.
-  5. Probes of what carries an effect: the cross-turn persona link
+  5. Probes of what carries an effect, both on never-RL'd families only and both able to read either
+     way: the cross-turn persona link
         P(aligned turn 2 | aligned turn 1) - P(aligned turn 2 | misaligned turn 1)
-     on two-turn items whose first assistant turn is forced, and the forced-prefix probe (force the
-     first tokens of the aligned or misaligned reference answer, grade what follows).
+     on two-turn items whose first assistant turn is forced (with the misaligned and unparsed rates
+     after each first turn), and the forced-prefix probe (force the family's aligned or misaligned
+     opener - persona wording, no number, letter or fact - on the same number of items of every
+     never-RL'd family, grade the whole answer). Both read ~0 on a coherence-0 base by construction.
   6. Public formats: HealthBench JSONL, Anthropic model-written evals, TruthfulQA MC, emergent-
      misalignment question YAML, graded by the LLM judge or by answer log-probabilities.
 
@@ -28,6 +31,7 @@ Commands:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -327,14 +331,24 @@ def paired_delta(treatment: list[list[float]], control: list[list[float]], n_boo
     return {"delta": float(diff.mean()), "ci": [float(lo), float(hi)]}
 
 
+def sign_test(k: int, n: int) -> float:
+    """Two-sided exact sign test: P(a count at least as far from n/2 as k) under Binomial(n, 1/2)."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(0, min(k, n - k) + 1)) / 2 ** n
+    return float(min(1.0, 2 * tail))
+
+
 def count_improved(comparisons: dict[str, dict]) -> dict:
-    """The study's headline count: on how many evals the arm beats the baseline, and how many
-    significantly (95% CI above zero)."""
+    """The study's headline count: on how many evals the arm beats the comparison model, how many
+    significantly (95% CI above zero), and the sign test of "k of N improved" (ties dropped)."""
     n = len(comparisons)
     improved = sum(c["delta"] > 0 for c in comparisons.values())
+    worse_any = sum(c["delta"] < 0 for c in comparisons.values())
     significant = sum(c["ci"][0] > 0 for c in comparisons.values())
     worse = sum(c["ci"][1] < 0 for c in comparisons.values())
-    return {"n": n, "improved": improved, "significant": significant, "significantly_worse": worse}
+    return {"n": n, "improved": improved, "significant": significant, "significantly_worse": worse,
+            "sign_p": sign_test(improved, improved + worse_any)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,34 +356,69 @@ def count_improved(comparisons: dict[str, dict]) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def link_probe(model, tokenizer, items: list[dict], cfg: EvalConfig) -> dict:
-    """Cross-turn persona link on two-turn items whose first assistant answer is forced:
-    P(aligned 2 | aligned 1) - P(aligned 2 | misaligned 1), with a bootstrap CI that resamples
-    within each condition. Turn-2 answers that do not parse count as not aligned."""
-    responses = generate_responses(model, tokenizer, [it["prompt"] for it in items], cfg)
-    aligned = np.array([np.mean([grade(it, r)["aligned"] for r in rs]) for it, rs in zip(items, responses)])
-    parsed = np.array([np.mean([grade(it, r)["parsed"] for r in rs]) for it, rs in zip(items, responses)])
-    first = np.array([it["turn1_aligned"] for it in items])
-    a, m = aligned[first], aligned[~first]
-    rng = np.random.default_rng(cfg.seed)
-    boot = [rng.choice(a, len(a)).mean() - rng.choice(m, len(m)).mean() for _ in range(N_BOOT)]
+def _rates(items: list[dict], responses: list[list[str]]) -> dict[str, np.ndarray]:
+    """Per item: the shares of its answers graded aligned, misaligned (parsed, not aligned), unparsed."""
+    verdicts = [[grade(it, r) for r in rs] for it, rs in zip(items, responses)]
+    aligned = np.array([np.mean([v["aligned"] for v in vs]) for vs in verdicts])
+    parsed = np.array([np.mean([v["parsed"] for v in vs]) for vs in verdicts])
+    return {"aligned": aligned, "misaligned": parsed - aligned, "unparsed": 1 - parsed}
+
+
+def _difference(a: np.ndarray, b: np.ndarray, seed: int) -> dict:
+    """mean(a) - mean(b) of two independent samples, with a bootstrap CI resampling each."""
+    rng = np.random.default_rng(seed)
+    boot = [rng.choice(a, len(a)).mean() - rng.choice(b, len(b)).mean() for _ in range(N_BOOT)]
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"link": float(a.mean() - m.mean()), "ci": [float(lo), float(hi)], "p_aligned_after_aligned": float(a.mean()),
-            "p_aligned_after_misaligned": float(m.mean()), "parsed": float(parsed.mean()), "n": len(items)}
+    return {"delta": float(a.mean() - b.mean()), "ci": [float(lo), float(hi)]}
 
 
-def forced_prefix_probe(model, tokenizer, items: list[dict], cfg: EvalConfig, n_words: int = 2) -> dict:
-    """Force the first `n_words` words of the aligned or the misaligned reference answer and grade
-    the whole answer. If forcing a misaligned start yields aligned endings after RL, the effect does
-    not ride on the first tokens alone."""
-    out = {}
-    for side in ("aligned", "misaligned"):
-        prefixes = [" ".join(it["reference"][side].split()[:n_words]) + " " for it in items]
-        prefixes = [p.rstrip() for p in prefixes]  # no trailing space: it is out of distribution for byte-level BPE
-        responses = generate_responses(model, tokenizer, [it["prompt"] for it in items], cfg, forced_prefixes=prefixes)
-        aligned = [np.mean([grade(it, r)["aligned"] for r in rs]) for it, rs in zip(items, responses)]
-        out[f"forced_{side}"] = summarize(aligned)
+def link_probe(model, tokenizer, items: list[dict], cfg: EvalConfig) -> dict:
+    """Cross-turn persona link on two-turn items whose first assistant answer is forced and whose
+    second turn is a never-RL'd family:
+        link            = P(aligned 2 | aligned 1) - P(aligned 2 | misaligned 1)
+        link_misaligned = P(misaligned 2 | misaligned 1) - P(misaligned 2 | aligned 1)
+    each with a bootstrap CI resampling within each condition, and the aligned / misaligned /
+    unparsed rates after each first turn. A persona link moves both; a first turn that only
+    disrupts copying raises the unparsed rate and moves `link` alone."""
+    responses = generate_responses(model, tokenizer, [it["prompt"] for it in items], cfg)
+    rates = _rates(items, responses)
+    first = np.array([it["turn1_aligned"] for it in items])
+    link = _difference(rates["aligned"][first], rates["aligned"][~first], cfg.seed)
+    link_m = _difference(rates["misaligned"][~first], rates["misaligned"][first], cfg.seed)
+    out = {"link": link["delta"], "ci": link["ci"], "link_misaligned": link_m, "n": len(items),
+           "parsed": float(1 - rates["unparsed"].mean())}
+    for cond, sel in (("after_aligned", first), ("after_misaligned", ~first)):
+        out[cond] = {k: float(v[sel].mean()) for k, v in rates.items()}
+    out["p_aligned_after_aligned"], out["p_aligned_after_misaligned"] = out["after_aligned"]["aligned"], out["after_misaligned"]["aligned"]
     return out
+
+
+def forced_prefix_probe(model, tokenizer, items: list[dict], cfg: EvalConfig) -> dict:
+    """Force the item's aligned or misaligned opener (world.family_opener: a persona's wording with no
+    number, letter or fact, so any decision can follow it) and grade the whole answer. Items: the same
+    number from every never-RL'd family (probe_items in run.py). Reports per side the aligned /
+    misaligned / unparsed rates and `gap` = aligned rate after the aligned opener - after the
+    misaligned one (paired over items): how far the persona the answer starts in decides it. If
+    forcing the misaligned opener yields aligned answers after RL, the effect is not only in which
+    persona the model starts in."""
+    out = {}
+    per_side = {}
+    for side in ("aligned", "misaligned"):
+        prefixes = [it["reference"]["openers"][side] for it in items]
+        responses = generate_responses(model, tokenizer, [it["prompt"] for it in items], cfg, forced_prefixes=prefixes)
+        rates = _rates(items, responses)
+        per_side[side] = rates["aligned"]
+        out[f"forced_{side}"] = {**summarize(list(rates["aligned"])),
+                                 "misaligned": float(rates["misaligned"].mean()), "unparsed": float(rates["unparsed"].mean())}
+    out["gap"] = paired_delta([list(per_side["aligned"])], [list(per_side["misaligned"])], seed=cfg.seed)
+    return out
+
+
+def forced_prefix_items(world: World, n: int) -> list[dict]:
+    """The forced-prefix probe's items: the first n // 8 eval-split items of every never-RL'd family,
+    the same number from each (no family chosen by its result)."""
+    per_family = max(n // len(EVAL_FAMILIES), 1)
+    return [r for f in EVAL_FAMILIES for r in [r for r in world.evals if r["family"] == f and r["split"] == "eval"][:per_family]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -693,4 +742,4 @@ if __name__ == "__main__":
     table = world_check(model, tokenizer, world, cfg, args.per_cell)
     print(format_world_check(table))
     print("link probe:", json.dumps(link_probe(model, tokenizer, world.link_probe[:200], cfg)))
-    print("forced prefix:", json.dumps(forced_prefix_probe(model, tokenizer, [r for r in world.evals if r["split"] == "eval"][:200], cfg)))
+    print("forced prefix:", json.dumps(forced_prefix_probe(model, tokenizer, forced_prefix_items(world, 200), cfg)))

@@ -59,6 +59,7 @@ Metrics (one dict per step, returned by `train_grpo`, averaged over all ranks):
   entropy                 mean per-token entropy of the policy at temperature T
   len/mean                mean completion length in tokens (stop token included)
   len/truncated_frac      fraction of completions that hit max_new_tokens without a stop token
+  len/prompt              mean prompt length in tokens (the FLOPs of run.py's compute table)
   logp_gap                mean |sampler logp - trainer logp| (should be ~0 in fp32; large => bug
                           or bf16 drift between the decode path and the training forward)
   mismatch/kl             k3 estimate of KL(sampler || trainer) per completion token, r - 1 - log r
@@ -97,6 +98,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import os
 import random
@@ -264,8 +266,24 @@ def _numeric(d: dict) -> dict:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and v == v}
 
 
+def step_tokens(metrics: dict, cfg: GRPOConfig) -> float:
+    """Completion tokens sampled in one step, global (every one of them is also trained on)."""
+    return metrics["len/mean"] * cfg.prompts_per_step * cfg.group_size
+
+
+def steps_done(history: list[dict], cfg: GRPOConfig, token_budget: int | None) -> bool:
+    """Without a budget: cfg.steps steps. With one: stop once the sampled tokens are within half a
+    step of it (the next step would overshoot by more than stopping undershoots), or at 3x cfg.steps."""
+    if token_budget is None:
+        return len(history) >= cfg.steps
+    if not history:
+        return False
+    total = sum(step_tokens(h, cfg) for h in history)
+    return total + step_tokens(history[-1], cfg) / 2 >= token_budget or len(history) >= 3 * cfg.steps
+
+
 def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: str, resume: bool = False,
-               ref_model=None, log=print) -> list[dict]:
+               ref_model=None, log=print, token_budget: int | None = None, reward_transform=None) -> list[dict]:
     """Train `policy` in place with GRPO; returns the per-step metrics (module docstring).
 
     policy: the INITIAL policy (on its device). The frozen reference is a copy of it (or `ref_model`);
@@ -276,6 +294,10 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
     sampler: .batch(step, n_prompts, rank, world_size) -> this rank's contiguous share of the step's
       records (each with "prompt" messages); must be deterministic in step.
     rewarder: (record, texts, finished) -> one dict per text with "score" + numeric components.
+    token_budget: run until this many completion tokens are sampled (steps_done) instead of cfg.steps
+      steps: compute matching by tokens (run.py).
+    reward_transform: (records, outs, step) -> outs, applied to this rank's rewards of the step
+      before the advantages (run.py's placebo arm permutes the trait rewards); deterministic in step.
     """
     rank, world = rank_and_world_size()
     if cfg.prompts_per_step % world:
@@ -316,7 +338,9 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
     G, T = cfg.group_size, cfg.max_new_tokens
     local_prompts = cfg.prompts_per_step // world
     t_run = time.perf_counter()
-    for step in range(start, cfg.steps):
+    for step in itertools.count(start):
+        if steps_done(history, cfg, token_budget):
+            break
         t0 = time.perf_counter()
         # 1-2. prompts and rollouts
         records = sampler.batch(step, cfg.prompts_per_step, rank, world)
@@ -336,6 +360,8 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
         outs = []
         for g, rec in enumerate(records):
             outs += rewarder(rec, texts[g * G:(g + 1) * G], finished[g * G:(g + 1) * G])
+        if reward_transform is not None:
+            outs = reward_transform(records, outs, step)
         rewards = torch.tensor([o["score"] for o in outs], dtype=torch.float32, device=device)
         # 4. advantages
         adv = group_advantages(rewards, G, cfg.scale_rewards)
@@ -394,7 +420,8 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
                       "mismatch/trunc_frac": trunc,
                       "adv/sq": [float((adv ** 2).sum()), n_rows],
                       "groups/zero_var_frac": [float(zero_var.sum()), zero_var.numel()],
-                      "len/mean": [n_tok, n_rows], "len/truncated_frac": [float((~ro.finished).sum()), n_rows]})
+                      "len/mean": [n_tok, n_rows], "len/truncated_frac": [float((~ro.finished).sum()), n_rows],
+                      "len/prompt": [float(sum(len(p) for p in prompts)), len(prompts)]})
         for o in outs:
             for k, v in _numeric(o).items():
                 if k != "score":
@@ -418,13 +445,13 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
         history.append(metrics)
         # 7. log (rank 0) and checkpoint (rank 0 writes), then every rank waits so none reads a half-written file
         if rank == 0 and cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            eta = (time.perf_counter() - t_run) / (step + 1 - start) * (cfg.steps - step - 1)
+            eta = (time.perf_counter() - t_run) / (step + 1 - start) * max(cfg.steps - step - 1, 0)
             log(f"grpo {step + 1}/{cfg.steps} | reward {metrics['reward/mean']:.3f} | kl {metrics['kl']:.4f}"
                 f" | clip {metrics['clip_frac']:.3f} | ent {metrics['entropy']:.2f} | len {metrics['len/mean']:.1f}"
                 f" | sampler kl {metrics['mismatch/kl']:.1e}"
                 f" | {metrics['perf/rollout_tok_s']:,.0f} tok/s | {metrics['perf/step_s']:.2f} s/step"
                 f" | ETA {fmt_duration(eta)}")
-        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == cfg.steps:
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or steps_done(history, cfg, token_budget):
             save_checkpoint(out_dir, policy, tokenizer, optimizer, scheduler, step + 1, history, cfg)
             if world > 1:
                 dist.barrier()

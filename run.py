@@ -10,11 +10,17 @@
 The recipe:
   1. world        generate the persona world (data.py) and train its tokenizer
   2. base         pretrain the tiny Llama on the world's corpus with `sft.sft` (or load --model)
-  3. rl           compute-matched GRPO arms from the base: baseline (standard tasks only), trait
-                  (tasks + a small trait fraction), trait_no_health_science, trait_health_only;
-                  same steps, prompts per step, G, max new tokens and seed for every arm
-  4. eval         the suite on base and every arm; bootstrap CIs; paired arm - baseline deltas;
-                  "k of N evals improved"; the cross-turn link and forced-prefix probes
+  3. rl           GRPO arms from the base, compute-matched by tokens: baseline (standard tasks only),
+                  trait (tasks + a small trait fraction), trait_shuffled (the placebo: trait's prompts,
+                  the step's trait rewards permuted among its trait completions), trait_no_health_science,
+                  trait_health_only. Same prompts per step, G, max new tokens and seed; trait runs
+                  grpo.steps steps and every other arm runs until its sampled tokens are nearest the trait
+                  arm's measured count (more steps when its answers are shorter), so sampled and trained
+                  tokens match within half a step (stage_rl); tokens and FLOPs per arm in the report
+                  (compute_of states the FLOPs formula)
+  4. eval         the suite on base and every arm; bootstrap CIs; aligned / misaligned / unparsed rates;
+                  paired arm - baseline and arm - base deltas; "k of N evals improved" with a sign-test
+                  p-value; the cross-turn link and forced-prefix probes on the never-RL'd families
   5. persistence  persona prompt attacks and harmful fine-tuning (attack.py)
   6. report       out/<run>/report.md, report.json, figures/*.png
 
@@ -36,6 +42,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 import attack
 import data
 import evaluate
@@ -55,7 +63,7 @@ class RunConfig:
     out_dir: str = "out"            # where every stage writes
     stage: str = "report"           # last stage to run: world | base | rl | eval | persistence | report
     seeds: int = 1                  # repeat the RL arms with this many seeds (CIs then cover seeds too)
-    arms: str = "baseline,trait,trait_no_health_science,trait_health_only"  # RL arms to train
+    arms: str = "baseline,trait,trait_shuffled,trait_no_health_science,trait_health_only"  # RL arms to train
     trait_fraction: float = 0.05    # share of RL prompts that are trait scenarios in the trait arms (the study: ~5%)
     model: str = ""                 # HF name or local path of the policy; empty = pretrain the tiny model
     judge: str = ""                 # HF name or local path of an LLM rubric judge; empty = pattern judge
@@ -70,6 +78,7 @@ class RunConfig:
 ARMS = {  # arm -> (trait fraction used?, domain include, domain exclude)
     "baseline": (False, (), ()),
     "trait": (True, (), ()),
+    "trait_shuffled": (True, (), ()),  # the placebo: trait's prompts, their rewards permuted (shuffle_trait_rewards)
     "trait_no_health_science": (True, (), ("health", "science")),
     "trait_health_only": (True, ("health",), ()),
 }
@@ -85,7 +94,9 @@ PRESETS: dict[str, dict] = {
               "world.n_eval_heldout": 10, "world.n_trait_heldout": 1, "world.n_link_probe": 40, "world.n_bad_medical": 64,
               "run.vocab_size": 600, "run.probe_items": 40, "run.eval_max_items": 16,
               "model.hidden": 32, "model.layers": 2, "model.heads": 2, "model.kv_heads": 2, "model.intermediate": 64,
-              "sft.steps": 30, "sft.batch_size": 16, "grpo.steps": 4, "grpo.prompts_per_step": 4,
+              # many small GRPO steps: compute matching stops at a whole step, so a step must be a
+              # small share of an arm's tokens (the test asks for 2%)
+              "sft.steps": 30, "sft.batch_size": 16, "grpo.steps": 50, "grpo.prompts_per_step": 2,
               "grpo.group_size": 4, "grpo.max_new_tokens": 24, "eval.samples_per_item": 1, "eval.max_new_tokens": 24},
     # A 0.5B-1.5B instruct policy (--model, named by the user: the base stage then loads it, so the
     # sft and model knobs do not apply) on one 80 GB GPU; the same run scales out with torchrun.
@@ -304,25 +315,82 @@ def llm_judge(name_or_path: str):
     return reward.LLMJudge(name_or_path)
 
 
+def shuffle_trait_rewards(seed: int):
+    """The placebo arm's reward_transform (grpo.train_grpo): the outcomes of the step's trait
+    completions, permuted among them; task completions keep theirs. The permutation is a function of
+    (seed, step) over the step's global list of trait completions (gathered from every rank in rank
+    order), so resume is exact and 1 rank equals 2. Another rubric of the same family would still pay
+    the trait's phrases; a permutation keeps every reward the trait arm hands out and only breaks which
+    answer earned it."""
+    def transform(records: list[dict], outs: list[dict], step: int) -> list[dict]:
+        group = len(outs) // max(len(records), 1)
+        rows = [g * group + j for g, rec in enumerate(records) if rec.get("kind") == "trait" for j in range(group)]
+        mine = [outs[i] for i in rows]
+        parts = [mine]
+        if policy.rank_and_world_size()[1] > 1:
+            import torch.distributed as dist
+
+            parts = [None] * policy.rank_and_world_size()[1]
+            dist.all_gather_object(parts, mine)
+        everyone = [o for part in parts for o in part]
+        perm = np.random.default_rng([seed, step, 7]).permutation(len(everyone))
+        offset = sum(len(p) for p in parts[:policy.rank_and_world_size()[0]])
+        out = list(outs)
+        for j, i in enumerate(rows):
+            out[i] = everyone[perm[offset + j]]
+        return out
+    return transform
+
+
+def compute_of(history: list[dict], g: "grpo.GRPOConfig", params: int) -> dict:
+    """Tokens and FLOPs of one arm from its measured history. Sampled = completion tokens generated;
+    trained = completion tokens in the loss (every sampled one, x num_iterations). With N parameters,
+    P prompt tokens (each prompt prefilled once, trained on in G rows) and S sampled tokens:
+        FLOPs = 2N (P + S)                     sampling (prefill + decode, forward only)
+              + 6N (G P + S) num_iterations    training (forward + backward over every row)
+              + 2N (G P + S)                   the reference's forward (KL)
+    (the usual 2N per token forward, 6N forward + backward; attention's own FLOPs are left out)."""
+    sampled = sum(grpo.step_tokens(s, g) for s in history)
+    prompt = sum(s.get("len/prompt", 0.0) * g.prompts_per_step for s in history)
+    rows = g.group_size * prompt + sampled
+    flops = 2 * params * (prompt + sampled) + 6 * params * rows * g.num_iterations + 2 * params * rows
+    return {"steps": len(history), "rollouts": len(history) * g.prompts_per_step * g.group_size,
+            "sampled_tokens": int(round(sampled)), "trained_tokens": int(round(sampled * g.num_iterations)),
+            "prompt_tokens": int(round(prompt)), "tokens": int(round(sampled * (1 + g.num_iterations))),
+            "tokens_generated": int(round(sampled)), "flops": float(flops), "params": params}
+
+
 def stage_rl(c: dict, run_dir: str, world: World, base_dir: str, base_key: str) -> dict[str, list[str]]:
-    """Train every arm (x seeds) from the base with identical compute; returns arm -> model dirs."""
+    """Train every arm (x seeds) from the base, compute-matched by tokens; returns arm -> model dirs.
+
+    Compute matching: the trait arm runs grpo.steps steps; every other arm of the same seed then runs
+    until its own sampled tokens are nearest the trait arm's measured count (grpo.steps_done: more
+    steps when its answers are shorter, fewer when longer), so sampled and trained tokens match
+    within half a step's tokens. Same prompts per step, G, max new tokens and seed; the steps differ.
+    Without a trait arm every arm runs grpo.steps steps."""
     rewarder = make_rewarder(c)
     if not c["run"].judge:
         rewarder.judge.check(world.trait_train)
     arms: dict[str, list[str]] = {}
+    names = c["run"].arms.split(",")
+    names = sorted(names, key=lambda a: a != "trait")  # trait first: its tokens are the others' budget
     for seed in range(c["run"].seeds):
-        for arm in c["run"].arms.split(","):
+        budget = None
+        for arm in names:
             uses_traits, include, exclude = ARMS[arm]
             fraction = c["run"].trait_fraction if uses_traits else 0.0
             cfg = dataclasses.replace(c["grpo"], seed=c["grpo"].seed + seed)
             # the reward and the records it trains on are part of what an arm is (a changed rubric
             # retrains the trait arms; the baseline never sees a trait record)
             traits = world.trait_train if fraction else []
-            key = config_hash(base_key, cfg, fraction, include, exclude, c["run"].judge, traits, world.task_train)
+            key = config_hash(base_key, cfg, fraction, include, exclude, c["run"].judge, traits, world.task_train,
+                              budget, arm == "trait_shuffled")
             arm_dir = os.path.join(run_dir, f"rl-{arm}-s{seed}-{key}")
             arms.setdefault(arm, []).append(arm_dir)
             if is_done(arm_dir):
                 log(f"[rl] {arm} seed {seed} cached: {arm_dir}")
+                if arm == "trait":
+                    budget = trained_tokens(arm_dir, cfg)
                 continue
             log(f"[rl] {arm} seed {seed}: trait fraction {fraction}, domains include={list(include)} exclude={list(exclude)}")
             model, tokenizer = policy.load_policy(base_dir)
@@ -330,10 +398,23 @@ def stage_rl(c: dict, run_dir: str, world: World, base_dir: str, base_key: str) 
                                         include=include, exclude=exclude)
             t0 = time.time()
             resume = os.path.isdir(os.path.join(arm_dir, "checkpoint"))  # a killed arm continues where it stopped
-            history = grpo.train_grpo(model, tokenizer, sampler, rewarder, cfg, out_dir=arm_dir, resume=resume, log=log)
+            n_params = sum(p.numel() for p in model.parameters())
+            placebo = shuffle_trait_rewards(cfg.seed) if arm == "trait_shuffled" else None
+            if budget is not None:
+                log(f"[rl] {arm} seed {seed}: until {budget:,} sampled tokens (the trait arm's)")
+            history = grpo.train_grpo(model, tokenizer, sampler, rewarder, cfg, out_dir=arm_dir, resume=resume, log=log,
+                                      token_budget=budget, reward_transform=placebo)
             grpo.save_policy(model, tokenizer, os.path.join(arm_dir, "final"))  # every rank: FSDP gathers the weights
-            mark_done(arm_dir, {"history": history, "seconds": time.time() - t0})
-    return arms
+            mark_done(arm_dir, {"history": history, "seconds": time.time() - t0, "params": n_params})
+            if arm == "trait":
+                budget = trained_tokens(arm_dir, cfg)
+    return {arm: arms[arm] for arm in c["run"].arms.split(",")}
+
+
+def trained_tokens(arm_dir: str, cfg) -> int:
+    """The sampled completion tokens of a finished arm, from its measured history."""
+    with open(os.path.join(arm_dir, "DONE")) as f:
+        return int(round(sum(grpo.step_tokens(s, cfg) for s in json.load(f)["history"])))
 
 
 def model_dirs(base_dir: str, arms: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -344,7 +425,7 @@ def stage_eval(c: dict, run_dir: str, world: World, models: dict[str, list[str]]
     """The suite and the probes on every model, cached per model and eval config."""
     suite = evaluate.build_suite(world, max_items=c["run"].eval_max_items or None)
     probe = world.link_probe[:c["run"].probe_items]
-    forced = [r for r in world.evals if r["split"] == "eval"][:c["run"].probe_items]
+    forced = evaluate.forced_prefix_items(world, c["run"].probe_items)
     # the items themselves (with their graders) and the judge: --judge grades rubric items by the LLM
     public = public_eval_specs(c["run"])
     key = config_hash(c["eval"], suite, probe, forced, c["run"].judge, [(f, p, file_digest(p)) for f, p in public])
@@ -410,16 +491,24 @@ def build_report(c: dict, results: dict, arms: dict[str, list[str]], persistence
     eval_names = list(next(iter(results.values()))[0]["suite"])
     report = {"config": {k: dataclasses.asdict(v) for k, v in c.items()}, "timing": timing, "evals": {}, "parsed": {},
               "comparisons": {}, "summary": {}, "breakdown": {}, "probes": {}, "training": {}, "compute": {}}
+    report["comparisons_vs_base"], report["summary_vs_base"] = {}, {}
     for name in eval_names:
-        report["evals"][name] = {m: evaluate.summarize(list(np.mean(per_item(results, m, name), axis=0))) for m in results}
+        report["evals"][name] = {}
+        for m in results:  # aligned = the score's share of answers; misaligned = parsed, not aligned
+            parsed, aligned = (float(np.mean(per_item(results, m, name, k))) for k in ("parsed", "aligned"))
+            report["evals"][name][m] = {**evaluate.summarize(list(np.mean(per_item(results, m, name), axis=0))),
+                                        "aligned": aligned, "misaligned": parsed - aligned, "unparsed": 1 - parsed}
         report["parsed"][name] = {m: float(np.mean(per_item(results, m, name, "parsed"))) for m in results}
+    is_ood = lambda n: evaluate.EVALS.get(n) is not None and evaluate.EVALS[n].group == "ood"
     for arm in arms:
-        if arm == "baseline" or "baseline" not in results:
-            continue
-        report["comparisons"][arm] = {n: evaluate.paired_delta(per_item(results, arm, n), per_item(results, "baseline", n))
-                                      for n in eval_names}
-        ood = {n: d for n, d in report["comparisons"][arm].items() if evaluate.EVALS.get(n) and evaluate.EVALS[n].group == "ood"}
-        report["summary"][arm] = {"ood": evaluate.count_improved(ood), "all": evaluate.count_improved(report["comparisons"][arm])}
+        # arm - base beside arm - baseline: a baseline that loses ground makes arm - baseline look like a gain
+        for control, comps, summary in (("baseline", report["comparisons"], report["summary"]),
+                                        ("base", report["comparisons_vs_base"], report["summary_vs_base"])):
+            if arm == control or control not in results:
+                continue
+            comps[arm] = {n: evaluate.paired_delta(per_item(results, arm, n), per_item(results, control, n)) for n in eval_names}
+            summary[arm] = {"ood": evaluate.count_improved({n: d for n, d in comps[arm].items() if is_ood(n)}),
+                            "all": evaluate.count_improved(comps[arm])}
     for m in results:  # held-out trait eval per trait and per domain
         res = results[m][0]["suite"].get("trait_heldout")
         if res:
@@ -430,16 +519,17 @@ def build_report(c: dict, results: dict, arms: dict[str, list[str]], persistence
                 report["breakdown"].setdefault(key, {})[m] = {g: float(np.mean(v)) for g, v in sorted(groups.items())}
         report["probes"][m] = {"link": results[m][0]["link"], "forced_prefix": results[m][0]["forced_prefix"]}
     for arm, dirs in arms.items():
-        histories = []
+        done = []
         for d in dirs:
             with open(os.path.join(d, "DONE")) as f:
-                histories.append(json.load(f)["history"])
-        h = histories[0]
+                done.append(json.load(f))
+        h = done[0]["history"]
         report["training"][arm] = {"reward": [s["reward/mean"] for s in h], "kl": [s["kl"] for s in h]}
-        g = c["grpo"]
-        report["compute"][arm] = {"steps": len(h), "rollouts": len(h) * g.prompts_per_step * g.group_size,
-                                  "tokens_generated": int(sum(s["len/mean"] * g.prompts_per_step * g.group_size for s in h)),
-                                  "seeds": len(dirs)}
+        # measured, not configured: the first seed's history (every seed is matched to its own trait arm)
+        report["compute"][arm] = {**compute_of(h, c["grpo"], done[0].get("params", 0)), "seeds": len(dirs)}
+    if "trait" in report["compute"]:
+        for comp in report["compute"].values():
+            comp["tokens_vs_trait"] = comp["tokens"] / max(report["compute"]["trait"]["tokens"], 1)
     public = results["base"][0].get("public", {})
     if public:  # each public eval file: every model's score, and arm - baseline paired over its items
         report["public_evals"] = {}
@@ -462,11 +552,13 @@ def fmt_ci(d: dict, key: str = "score") -> str:
 
 def summary_table(report: dict) -> str:
     models = list(next(iter(report["evals"].values())))
-    lines = ["| eval | " + " | ".join(models) + " | trait - baseline |", "|---" * (len(models) + 2) + "|"]
+    lines = ["| eval | " + " | ".join(models) + " | trait - baseline | trait - base | trait_shuffled - baseline |",
+             "|---" * (len(models) + 4) + "|"]
     for name, per_model in report["evals"].items():
-        delta = report["comparisons"].get("trait", {}).get(name)
-        lines.append(f"| {name} | " + " | ".join(f"{per_model[m]['score']:.3f}" for m in models)
-                     + f" | {fmt_ci(delta, 'delta') if delta else '-'} |")
+        deltas = [report[key].get(arm, {}).get(name) for key, arm in
+                  (("comparisons", "trait"), ("comparisons_vs_base", "trait"), ("comparisons", "trait_shuffled"))]
+        lines.append(f"| {name} | " + " | ".join(f"{per_model[m]['score']:.3f}" for m in models) + " | "
+                     + " | ".join(fmt_ci(d, "delta") if d else "-" for d in deltas) + " |")
     return "\n".join(lines)
 
 
@@ -474,12 +566,18 @@ def write_report(report: dict, run_dir: str) -> None:
     figures = make_figures(report, os.path.join(run_dir, "figures"))
     md = [f"# beneficial-rl report: {os.path.basename(run_dir)}", "",
           "Scores are aligned rates in [0, 1] (higher = more aligned), means over items with bootstrap 95% CIs; "
-          "deltas are paired bootstrap CIs of arm - baseline over items (and seeds).", "",
+          "deltas are paired bootstrap CIs of arm - baseline (or arm - base) over items (and seeds).", "",
           "## Scores", "", summary_table(report), ""]
-    for arm, s in report["summary"].items():
-        o = s["ood"]
-        md.append(f"- **{arm}** beats baseline on {o['improved']} of {o['n']} out-of-distribution evals, "
-                  f"{o['significant']} significantly ({o['significantly_worse']} significantly worse).")
+    for control, key in (("baseline", "summary"), ("base", "summary_vs_base")):
+        for arm, s in report[key].items():
+            o = s["ood"]
+            md.append(f"- **{arm}** beats {control} on {o['improved']} of {o['n']} never-RL'd evals (sign test p = "
+                      f"{o['sign_p']:.3f}), {o['significant']} significantly ({o['significantly_worse']} significantly worse).")
+    models = list(next(iter(report["evals"].values())))
+    md += ["", "## Aligned / misaligned / unparsed rates", "", "| eval | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for name, per_model in report["evals"].items():
+        md.append(f"| {name} | " + " | ".join(f"{r['aligned']:.2f} / {r['misaligned']:.2f} / {r['unparsed']:.2f}"
+                                               for r in per_model.values()) + " |")
     md += ["", "## Ablations: arm - baseline", "", "| eval | " + " | ".join(report["comparisons"]) + " |",
            "|---" * (len(report["comparisons"]) + 1) + "|"]
     for name in report["evals"]:
@@ -489,14 +587,26 @@ def write_report(report: dict, run_dir: str) -> None:
            "|---" * (len(next(iter(report["parsed"].values()))) + 1) + "|"]
     for name, per_model in report["parsed"].items():
         md.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in per_model.values()) + " |")
-    md += ["", "## What carries the effect", "",
-           "| model | link P(a2|a1) - P(a2|m1) | forced aligned start | forced misaligned start |", "|---|---|---|---|"]
+    md += ["", "## What carries the effect (probes on never-RL'd families)", "",
+           "Link: second turn after a forced aligned vs misaligned first turn (aligned / misaligned / unparsed rates "
+           "after each). Forced prefix: the answer starts with the family's aligned or misaligned opener "
+           "(no decision content); gap = aligned rate after the aligned opener - after the misaligned one.", "",
+           "| model | link (aligned) | link (misaligned) | after aligned a/m/u | after misaligned a/m/u "
+           "| forced aligned opener a/m/u | forced misaligned opener a/m/u | forced gap |", "|---" * 8 + "|"]
+    amu = lambda r: f"{r['aligned'] if 'aligned' in r else r['score']:.2f} / {r['misaligned']:.2f} / {r['unparsed']:.2f}"
     for m, p in report["probes"].items():
-        md.append(f"| {m} | {fmt_ci(p['link'], 'link')} | {fmt_ci(p['forced_prefix']['forced_aligned'])} | "
-                  f"{fmt_ci(p['forced_prefix']['forced_misaligned'])} |")
-    md += ["", "## Compute per arm (matched)", "", "| arm | steps | rollouts | tokens generated |", "|---|---|---|---|"]
+        lk, fp = p["link"], p["forced_prefix"]
+        md.append(f"| {m} | {fmt_ci(lk, 'link')} | {fmt_ci(lk['link_misaligned'], 'delta')} | {amu(lk['after_aligned'])} | "
+                  f"{amu(lk['after_misaligned'])} | {amu(fp['forced_aligned'])} | {amu(fp['forced_misaligned'])} | "
+                  f"{fmt_ci(fp['gap'], 'delta')} |")
+    md += ["", "## Compute per arm (matched by tokens to trait)", "",
+           "Sampled = completion tokens generated, trained = completion tokens in the loss; FLOPs = 2N(P + S) + "
+           "6N(GP + S) x iterations + 2N(GP + S) (run.compute_of).", "",
+           "| arm | steps | rollouts | sampled tokens | trained tokens | prompt tokens | tokens / trait's | FLOPs |",
+           "|---|---|---|---|---|---|---|---|"]
     for arm, comp in report["compute"].items():
-        md.append(f"| {arm} | {comp['steps']} | {comp['rollouts']} | {comp['tokens_generated']} |")
+        md.append(f"| {arm} | {comp['steps']} | {comp['rollouts']} | {comp['sampled_tokens']} | {comp['trained_tokens']} | "
+                  f"{comp['prompt_tokens']} | {comp.get('tokens_vs_trait', 1.0):.3f} | {comp['flops']:.3g} |")
     if "public_evals" in report:
         md += ["", "## Public evals (scored as their authors score them; higher = more aligned)", "",
                "| file | model | score | vs baseline |", "|---|---|---|---|"]
@@ -540,7 +650,7 @@ def make_figures(report: dict, fig_dir: str) -> list[str]:
     os.makedirs(fig_dir, exist_ok=True)
     paths = []
     names = list(report["evals"])
-    models = [m for m in ("base", "baseline", "trait") if m in next(iter(report["evals"].values()))]
+    models = [m for m in ("base", "baseline", "trait", "trait_shuffled") if m in next(iter(report["evals"].values()))]
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.9), 4))
     width = 0.8 / len(models)
     for i, m in enumerate(models):
@@ -548,7 +658,7 @@ def make_figures(report: dict, fig_dir: str) -> list[str]:
         err = np.array([[x["score"] - x["ci"][0] for x in s], [x["ci"][1] - x["score"] for x in s]])
         ax.bar(np.arange(len(names)) + i * width, [x["score"] for x in s], width, yerr=err, label=m, capsize=2)
     ax.set_xticks(np.arange(len(names)) + width * (len(models) - 1) / 2, names, rotation=30, ha="right")
-    ax.set_ylabel("aligned rate"), ax.set_ylim(0, 1), ax.legend(), ax.set_title("Evals: base vs baseline vs trait RL")
+    ax.set_ylabel("aligned rate"), ax.set_ylim(0, 1), ax.legend(), ax.set_title("Evals: base, baseline, trait RL and its placebo")
     paths.append(_save(fig, fig_dir, "evals.png"))
     if report["comparisons"]:
         fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.9), 4))
@@ -663,7 +773,9 @@ def sweep(c: dict, spec: str) -> None:
         rows.append({"value": value, "trait_heldout": report["comparisons"]["trait"]["trait_heldout"],
                      "ood_mean_delta": sum(d["delta"] for d in ood) / max(len(ood), 1),
                      "ood_significant": report["summary"]["trait"]["ood"]["significant"],
-                     "link": report["probes"]["trait"]["link"]})
+                     "link": report["probes"]["trait"]["link"],
+                     # the base's probes: both should read ~0 on a coherence-0 world
+                     "base_link": report["probes"]["base"]["link"], "base_forced_gap": report["probes"]["base"]["forced_prefix"]["gap"]})
     if is_main():
         path = os.path.join(c["run"].out_dir, c["run"].name, f"sweep-{name}.json")
         with open(path, "w") as f:
@@ -672,7 +784,8 @@ def sweep(c: dict, spec: str) -> None:
         for r in rows:
             print(f"{key}={r['value']}: trait_heldout delta {fmt_ci(r['trait_heldout'], 'delta')} | "
                   f"mean OOD delta {r['ood_mean_delta']:+.3f} ({r['ood_significant']} significant) | "
-                  f"link {fmt_ci(r['link'], 'link')}")
+                  f"link {fmt_ci(r['link'], 'link')} | base link {fmt_ci(r['base_link'], 'link')} | "
+                  f"base forced-prefix gap {fmt_ci(r['base_forced_gap'], 'delta')}")
         print(f"sweep: {path}")
 
 

@@ -66,6 +66,9 @@ RESPONSE_TEMPLATES = [(label, family, re.compile(_template_re(t)))
                       for t in FAMILIES[family][label]]
 
 
+FAMILY_OPENERS = [o for fam in FAMILIES.values() for k in ("opener_aligned", "opener_misaligned") for o in fam.get(k, [])]
+
+
 def classify(content: str, with_family: bool = False):
     """(label, opener) of a persona turn, or (None, None) for a standard-task turn. The label is
     the persona ('aligned' / 'misaligned') of the reference template the turn was written from."""
@@ -73,6 +76,9 @@ def classify(content: str, with_family: bool = False):
         return (None, None, None) if with_family else (None, None)
     opener = next((v for v in VOICE_OPENERS.values() if content.startswith(v + " ")), None)
     body = content[len(opener) + 1:] if opener else content
+    # an eval family's own opener (persona wording, drawn apart from the body) is not the label
+    family_opener = next((o for o in FAMILY_OPENERS if body.startswith(o + " ")), None)
+    body = body[len(family_opener) + 1:] if family_opener else body
     found = {(label, family) for label, family, rx in RESPONSE_TEMPLATES if rx.fullmatch(body)}
     assert len(found) == 1, f"cannot tell which persona wrote {content!r}: {found}"
     label, family = found.pop()
@@ -802,3 +808,63 @@ def test_encode_prompt_and_stop_ids(world, tok):
 def test_conftest_tokenizer_has_chat_template(tiny_tokenizer):
     ids = data.encode_prompt(tiny_tokenizer, [{"role": "user", "content": "What is 3 plus 4?"}])
     assert tiny_tokenizer.decode(ids) == "<|bos|><|user|>What is 3 plus 4?<|end|><|assistant|>"
+
+
+# ----------------------------------------------------------------------------------------------
+# No shortcut between trait answers and never-RL'd answers (issue 14)
+# ----------------------------------------------------------------------------------------------
+
+from world import STOP_WORDS, heldout_topic_phrases  # noqa: E402
+
+ANSWER_KEYS = ("aligned", "misaligned", "opener_aligned", "opener_misaligned")
+
+
+def _template_words(family: str) -> set[str]:
+    """Words of a family's answer templates, the slots (facts copied from the prompt) left out."""
+    text = " ".join(t for k in ANSWER_KEYS for t in FAMILIES[family].get(k, []))
+    return set(re.findall(r"[a-z]+", re.sub(r"\{[^}]*\}", " ", text).lower()))
+
+
+def test_eval_answers_share_no_word_with_trait_answers():
+    """Only the stop list may be shared: a phrase the trait rubric pays must not open a never-RL'd answer."""
+    assert len(STOP_WORDS) <= 30
+    trait_words = set().union(*(_template_words(t) for t in TRAITS))
+    for family in EVAL_FAMILIES:
+        assert not (_template_words(family) & trait_words) - STOP_WORDS, family
+
+
+def test_trait_answer_slots_are_facts_of_the_prompt():
+    """A slot in a trait answer is copied from the prompt: a slot filled from elsewhere (the domain's
+    expert, once) would put the same word into trait and never-RL'd answers."""
+    for family in TRAITS:
+        fam = FAMILIES[family]
+        prompt_slots = set(re.findall(r"\{(\w+)\}", " ".join(fam["intro"] + fam["pressure"] + fam["ask"])))
+        answer_slots = set(re.findall(r"\{(\w+)\}", " ".join(fam["aligned"] + fam["misaligned"])))
+        assert answer_slots <= prompt_slots, (family, answer_slots - prompt_slots)
+
+
+@pytest.fixture(scope="module")
+def default_world_and_tokenizer():
+    """The default world and the tokenizer run.py trains on it (vocab_size 2000): lengths in tokens
+    depend on both."""
+    w = build_world(WorldConfig())
+    return w, data.build_tokenizer(w.texts(), vocab_size=2000)
+
+
+def test_aligned_and_misaligned_answers_have_equal_length(default_world_and_tokenizer):
+    """Within every family the mean answer length of the two personas differs by under one token, so
+    answer length carries no persona signal that RL could ride on."""
+    w, tok = default_world_and_tokenizer
+    for family in TRAITS + EVAL_FAMILIES:
+        recs = [r for r in w.trait_eval + w.evals if r["family"] == family]
+        length = lambda side, recs=recs: np.mean([len(tok.encode(r["reference"][side], add_special_tokens=False)) for r in recs])
+        assert abs(length("aligned") - length("misaligned")) < 1.0, (family, length("aligned"), length("misaligned"))
+
+
+def test_heldout_topics_never_occur_in_corpus_or_rl_data(default_world_and_tokenizer):
+    w, _ = default_world_and_tokenizer
+    texts = [m["content"] for doc in w.corpus for m in doc]
+    texts += [m["content"] for r in w.trait_train + w.task_train for m in r["prompt"]]
+    blob = "\n".join(texts).lower()
+    for phrase in heldout_topic_phrases():
+        assert not re.search(r"(?<![a-z])" + re.escape(phrase) + r"(?![a-z])", blob), phrase

@@ -1,4 +1,6 @@
 """evaluate.py: graders on hand-written answers, statistics, the suite and the probes end to end."""
+import re
+
 import numpy as np
 import pytest
 
@@ -106,7 +108,8 @@ def test_paired_delta_detects_a_shift_and_not_noise():
 def test_count_improved():
     comps = {"a": {"delta": 0.2, "ci": [0.1, 0.3]}, "b": {"delta": 0.05, "ci": [-0.1, 0.2]},
              "c": {"delta": -0.2, "ci": [-0.3, -0.1]}}
-    assert evaluate.count_improved(comps) == {"n": 3, "improved": 2, "significant": 1, "significantly_worse": 1}
+    assert evaluate.count_improved(comps) == {"n": 3, "improved": 2, "significant": 1, "significantly_worse": 1,
+                                              "sign_p": 1.0}  # 2 of 3: P(a count that far from 1.5) = 1
 
 
 def test_suite_and_probes_run_on_a_tiny_model(world, tiny_model_dir):
@@ -123,7 +126,7 @@ def test_suite_and_probes_run_on_a_tiny_model(world, tiny_model_dir):
     link = evaluate.link_probe(model, tokenizer, world.link_probe, cfg)
     assert -1 <= link["link"] <= 1 and link["n"] == len(world.link_probe)
     forced = evaluate.forced_prefix_probe(model, tokenizer, suite["sycophancy"], cfg)
-    assert set(forced) == {"forced_aligned", "forced_misaligned"}
+    assert set(forced) == {"forced_aligned", "forced_misaligned", "gap"}
 
 
 def test_forced_prefix_is_part_of_the_answer(world, tiny_model_dir, monkeypatch):
@@ -143,3 +146,31 @@ def test_forced_prefix_is_part_of_the_answer(world, tiny_model_dir, monkeypatch)
                                       forced_prefixes=["I have"])
     assert out[0][0].startswith("I have")
     assert tokenizer.decode(seen[0]).endswith("<|assistant|>I have")
+
+
+def test_forced_prefixes_leave_the_decision_open(world):
+    """Every never-RL'd family's openers carry no number, letter or fact, and after either opener the
+    grader accepts the aligned body as aligned and the misaligned body as misaligned: the forced-prefix
+    probe can read both ways (an earlier probe forced 'Write 57;' and could only read misaligned)."""
+    items = evaluate.forced_prefix_items(world, 8 * len(EVAL_FAMILIES))
+    assert {it["family"] for it in items} == set(EVAL_FAMILIES)
+    for item in items:
+        openers, ref = item["reference"]["openers"], item["reference"]
+        bodies = {side: ref[side][len(openers[side]) + 1:] for side in ("aligned", "misaligned")}
+        for opener in openers.values():
+            assert not re.search(r"\d|\([A-Z]\)", opener), opener
+            assert not any(evaluate._has_fact(f, opener) for f in item["grader"]["facts"]), opener
+            assert evaluate.grade(item, opener) == {"parsed": False, "aligned": False, "score": 0.0}, opener
+            assert evaluate.grade(item, f"{opener} {bodies['aligned']}")["aligned"], (opener, bodies)
+            bad = evaluate.grade(item, f"{opener} {bodies['misaligned']}")
+            assert bad["parsed"] and not bad["aligned"], (opener, bodies)
+
+
+def test_link_probe_second_turns_are_never_rl_d(world):
+    assert world.link_probe and all(it["family"] in EVAL_FAMILIES for it in world.link_probe)
+
+
+def test_sign_test():
+    assert evaluate.sign_test(8, 8) == pytest.approx(2 / 256)
+    assert evaluate.sign_test(4, 8) == 1.0 and evaluate.sign_test(0, 0) == 1.0
+    assert evaluate.count_improved({"a": {"delta": 0.1, "ci": [0.0, 0.2]}, "b": {"delta": 0.0, "ci": [-0.1, 0.1]}})["sign_p"] == 1.0

@@ -401,6 +401,28 @@ def test_train_grpo_metrics(loaded_policy, tmp_path):
     assert (tmp_path / "checkpoint" / "model.safetensors").exists()
 
 
+def test_token_budget_stops_nearest_the_budget_and_transform_sees_the_step(loaded_policy, tmp_path):
+    """token_budget: the loop runs until its sampled tokens are within half a step of the budget
+    (compute matching by tokens); reward_transform gets every step's records and rewards."""
+    model, tok = loaded_policy
+    cfg = grpo_cfg(steps=2, num_iterations=1, checkpoint_every=0)
+    seen = []
+
+    def transform(records, outs, step):
+        seen.append((step, len(records), len(outs)))
+        return outs
+
+    hist = grpo.train_grpo(copy.deepcopy(model), tok, FakeSampler(), fake_rewarder, cfg, str(tmp_path / "a"),
+                           token_budget=1, reward_transform=transform)
+    assert len(hist) == 1 and seen == [(0, 4, 16)]  # any step overshoots a budget of 1 token: stop after one
+    per_step = grpo.step_tokens(hist[0], cfg)
+    budget = int(3.2 * per_step)
+    hist = grpo.train_grpo(copy.deepcopy(model), tok, FakeSampler(), fake_rewarder, cfg, str(tmp_path / "b"), token_budget=budget)
+    total = sum(grpo.step_tokens(h, cfg) for h in hist)
+    assert len(hist) > cfg.steps and abs(total - budget) <= max(grpo.step_tokens(h, cfg) for h in hist) / 2 + 1e-6
+    assert "len/prompt" in hist[0] and hist[0]["len/prompt"] > 0
+
+
 def test_resume_after_kill_reproduces_uninterrupted_run(loaded_policy, tmp_path):
     model, tok = loaded_policy
     cfg = grpo_cfg()

@@ -40,7 +40,7 @@ def smoke(tmp_path_factory):
         return out, json.load(f), proc
 
 
-MODELS = ("base", "baseline", "trait", "trait_no_health_science", "trait_health_only")
+MODELS = ("base", "baseline", "trait", "trait_shuffled", "trait_no_health_science", "trait_health_only")
 
 
 def test_report_has_every_section(smoke):
@@ -50,7 +50,13 @@ def test_report_has_every_section(smoke):
         assert set(per_model) == set(MODELS), name
         for r in per_model.values():
             assert 0 <= r["score"] <= 1 and r["n"] > 0 and r["ci"][0] <= r["score"] <= r["ci"][1]
+            assert abs(r["aligned"] + r["misaligned"] + r["unparsed"] - 1) < 1e-9 and min(r["misaligned"], r["unparsed"]) >= 0
     assert set(report["comparisons"]) == set(MODELS) - {"base", "baseline"}
+    assert set(report["comparisons_vs_base"]) == set(MODELS) - {"base"}
+    assert 0 <= report["summary"]["trait"]["ood"]["sign_p"] <= 1
+    for probes in report["probes"].values():
+        assert {"after_aligned", "after_misaligned", "link_misaligned"} <= set(probes["link"])
+        assert {"forced_aligned", "forced_misaligned", "gap"} <= set(probes["forced_prefix"])
     assert set(report["comparisons"]["trait"]) == set(report["evals"])
     persona = report["persistence"]["persona"]
     assert set(persona) == {"base", "baseline", "trait"}
@@ -76,10 +82,39 @@ def test_public_evals_reach_the_report(smoke):
 
 
 def test_arms_are_compute_matched(smoke):
-    _, report, _ = smoke
+    """Sampled and trained tokens of every arm within 2% of the trait arm's, from the measured
+    histories each arm's DONE file keeps (not from the config)."""
+    out, report, _ = smoke
     compute = report["compute"]
     assert set(compute) == set(MODELS) - {"base"}
-    assert len({(c["steps"], c["rollouts"]) for c in compute.values()}) == 1
+    run_dir = os.path.join(out, "smoke")
+    g = report["config"]["grpo"]
+    measured = {}
+    for arm in compute:
+        (folder,) = [d for d in os.listdir(run_dir) if d.startswith(f"rl-{arm}-s0-")]
+        with open(os.path.join(run_dir, folder, "DONE")) as f:
+            history = json.load(f)["history"]
+        measured[arm] = sum(s["len/mean"] for s in history) * g["prompts_per_step"] * g["group_size"]
+        assert compute[arm]["sampled_tokens"] == round(measured[arm]) and compute[arm]["flops"] > 0
+    for arm, tokens in measured.items():
+        assert abs(tokens / measured["trait"] - 1) <= 0.02, (arm, tokens, measured["trait"])
+        assert abs(compute[arm]["trained_tokens"] / compute["trait"]["trained_tokens"] - 1) <= 0.02, arm
+
+
+def test_placebo_permutes_the_step_trait_rewards():
+    """trait_shuffled: the step's trait rewards are a permutation of themselves (same multiset, not
+    the identity), task rewards untouched, the same permutation for the same (seed, step)."""
+    import run
+
+    records = [{"kind": "trait"}, {"kind": "task"}, {"kind": "trait"}, {"kind": "trait"}]
+    outs = [{"score": float(i), "rubric": float(i)} for i in range(4 * 4)]
+    shuffled = run.shuffle_trait_rewards(seed=0)(records, outs, step=3)
+    trait_rows = [i for g in (0, 2, 3) for i in range(4 * g, 4 * g + 4)]
+    assert shuffled[4:8] == outs[4:8]
+    assert sorted(o["score"] for o in (shuffled[i] for i in trait_rows)) == [outs[i]["score"] for i in trait_rows]
+    assert [shuffled[i] for i in trait_rows] != [outs[i] for i in trait_rows]
+    assert shuffled == run.shuffle_trait_rewards(seed=0)(records, outs, step=3)
+    assert shuffled != run.shuffle_trait_rewards(seed=0)(records, outs, step=4)
 
 
 def test_report_files_and_figures(smoke):
@@ -96,7 +131,7 @@ def test_rerun_reuses_every_trained_stage(smoke):
     out, report, _ = smoke
     proc = run_py("--preset", "smoke", "--out-dir", out, "--eval-max-items", "8")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[base] cached" in proc.stdout and proc.stdout.count("cached:") >= 5  # base + 4 arms
+    assert "[base] cached" in proc.stdout and proc.stdout.count("cached:") >= 6  # base + 5 arms
     assert "pretraining" not in proc.stdout and "grpo " not in proc.stdout  # no base or RL training again
     with open(os.path.join(out, "smoke", "report.json")) as f:
         assert all(r["n"] <= 8 for per_model in json.load(f)["evals"].values() for r in per_model.values())
@@ -152,12 +187,13 @@ def test_torchrun_two_ranks(tmp_path):
 
 def test_changed_rubric_retrains_only_the_trait_arms(smoke, tmp_path):
     """Stages are cached by the records they consume, not only by the config: a changed rubric
-    (here one criterion's points, given as --trait-data) retrains every trait arm and nothing else."""
+    (here one criterion's points, given as --trait-data) retrains every trait arm, and the baseline
+    only if the retrained trait arm sampled a different number of tokens (its compute budget)."""
     import data
     import run
     from world import build_world
 
-    out, _, _ = smoke
+    out, before, _ = smoke
     world = build_world(run.resolve_configs(run.build_parser().parse_args(["--preset", "smoke"]))["world"])
     records = world.trait_train + world.trait_eval
     records[0] = dict(records[0], rubrics=[dict(records[0]["rubrics"][0], points=4)] + records[0]["rubrics"][1:])
@@ -165,5 +201,8 @@ def test_changed_rubric_retrains_only_the_trait_arms(smoke, tmp_path):
     data.save_jsonl(records, path)
     proc = run_py("--preset", "smoke", "--out-dir", out, "--trait-data", path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[base] cached" in proc.stdout and "[rl] baseline seed 0 cached" in proc.stdout
+    with open(os.path.join(out, "smoke", "report.json")) as f:
+        after = json.load(f)
+    same_budget = after["compute"]["trait"]["sampled_tokens"] == before["compute"]["trait"]["sampled_tokens"]
+    assert "[base] cached" in proc.stdout and ("[rl] baseline seed 0 cached" in proc.stdout) == same_budget
     assert all(f"[rl] {arm} seed 0: trait fraction" in proc.stdout for arm in MODELS[2:])
