@@ -94,9 +94,10 @@ PRESETS: dict[str, dict] = {
               "world.n_eval_heldout": 10, "world.n_trait_heldout": 1, "world.n_link_probe": 40, "world.n_bad_medical": 64,
               "run.vocab_size": 600, "run.probe_items": 40, "run.eval_max_items": 16,
               "model.hidden": 32, "model.layers": 2, "model.heads": 2, "model.kv_heads": 2, "model.intermediate": 64,
-              # many small GRPO steps: compute matching stops at a whole step, so a step must be a
-              # small share of an arm's tokens (the test asks for 2%)
-              "sft.steps": 30, "sft.batch_size": 16, "grpo.steps": 50, "grpo.prompts_per_step": 2,
+              # 4 GRPO steps: smoke answers run to max_new_tokens, so every step samples the same tokens and
+              # the arms match exactly; a run whose answers vary needs steps that are a small share of an
+              # arm's tokens (compute matching stops at a whole step: grpo.steps_done)
+              "sft.steps": 30, "sft.batch_size": 16, "grpo.steps": 4, "grpo.prompts_per_step": 4,
               "grpo.group_size": 4, "grpo.max_new_tokens": 24, "eval.samples_per_item": 1, "eval.max_new_tokens": 24},
     # A 0.5B-1.5B instruct policy (--model, named by the user: the base stage then loads it, so the
     # sft and model knobs do not apply) on one 80 GB GPU; the same run scales out with torchrun.
