@@ -48,10 +48,14 @@ What it does, in execution order:
      Each result: {"score", "rubric", "criteria": [{"criterion", "points", "met", "p", "judged"}],
                    "penalty_length", "penalty_repetition", "penalty_contradiction", "penalty_form",
                    "penalty_unterminated"}.
-  4. `task_reward`: the verifiable reward of standard tasks, 1.0 iff the response is the exact
-     answer after normalisation (case, spaces, surrounding punctuation, "answer: X", "... = X",
-     "12" == "12.0"), else 0.0. Near misses ("13" for "12", "abc" for "abcd") get 0. An answer in
-     capitals ("KOMA") keeps its case: there the capitals are the task.
+  4. `task_reward`: the verifiable reward of standard tasks, 1.0 iff the response states the
+     answer and no other one, else 0.0. Exact forms after normalisation (case, spaces, surrounding
+     punctuation, "answer: X", "... = X", "12" == "12.0"), and the natural sentence of a chat
+     model: for a number, every number of the reply but those restating the prompt equals it
+     ("3 plus 4 is 7."); for one word, it ends the reply and no variant of it (anagram, other
+     case, one letter off) appears beside it ("Stone spelled backwards is enots."). Near misses
+     ("13" for "12", "abc" for "abcd") and hedges ("7 or 8", "enots, or maybe etons") get 0. An
+     answer in capitals ("KOMA") keeps its case: there the capitals are the task.
   5. `Rewarder`: what the GRPO loop calls, one prompt group at a time. It dispatches by kind
      ("task" -> task_reward plus the unterminated guard, records with rubrics -> the judge) and
      returns the same keys for every kind: "score", "criteria" (a list, empty for tasks) and the
@@ -66,7 +70,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
@@ -386,6 +390,8 @@ _EDGE_PUNCTUATION = " \t\n.,;:!?\"'`*_()[]{}"
 _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|[:=])\s*", re.IGNORECASE)
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+_NUMBER_IN_TEXT = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?|\d+(?:\.\d+)?")  # "-" a sign only where a word starts ("3-4" is 3, 4)
+_LETTERS = re.compile(r"[A-Za-z]+")
 
 
 def normalize_answer(text: str, keep_case: bool = False) -> str:
@@ -404,14 +410,56 @@ def _same_answer(a: str, b: str) -> bool:
     return bool(_NUMBER.fullmatch(a) and _NUMBER.fullmatch(b)) and float(a) == float(b)
 
 
-def task_reward(example: dict, response: str) -> float:
-    """1.0 iff the response states example["answer"] exactly, up to formatting; else 0.0.
+def _one_edit_apart(a: str, b: str) -> bool:
+    """a and b differ by exactly one letter added, dropped or changed."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[i + (len(a) >= len(b)):] == b[i + (len(b) >= len(a)):]
 
-    The response may be the bare answer, "answer: X" / "the answer is X", or end in "= X"
-    ("3 + 4 = 7"). Anything else around the answer makes it wrong: a verifier that searched for
-    the answer inside the text would reward listing many candidates. Case is ignored, except when
-    the answer is written in capitals (two letters or more, all upper case): then writing it in
-    capitals is the task (the tiny world's "write X in capital letters").
+
+def _prompt_text(example: dict) -> str:
+    return " ".join(m["content"] for m in example.get("prompt", ()))
+
+
+def _numbers(text: str) -> Counter:
+    return Counter(float(n) for n in _NUMBER_IN_TEXT.findall(_THOUSANDS.sub("", text)))
+
+
+def _natural_number(example: dict, response: str, target: str) -> bool:
+    """The reply's numbers, less one occurrence of each number the prompt states (restating "3 plus
+    4" is not an answer), are at least one and all equal the target."""
+    stated = _numbers(response) - _numbers(_prompt_text(example))
+    return bool(stated) and set(stated) == {float(target)}
+
+
+def _natural_word(example: dict, response: str, target: str, keep_case: bool) -> bool:
+    """The reply's last word is the target, and no other word is a variant of it (its letters in
+    another order or case, or one letter added, dropped or changed), the prompt's own words aside."""
+    fold = (lambda w: w) if keep_case else str.lower
+    words = _LETTERS.findall(response)
+    if not words or fold(words[-1]) != fold(target):
+        return False
+    others = Counter(map(fold, words)) - Counter(map(fold, _LETTERS.findall(_prompt_text(example))))
+    t = target.lower()
+    return not any(w != fold(target) and (sorted(w.lower()) == sorted(t) or (len(t) >= 3 and _one_edit_apart(w.lower(), t)))
+                   for w in others)
+
+
+def task_reward(example: dict, response: str) -> float:
+    """1.0 iff the response states example["answer"], up to formatting, and no other answer; else 0.0.
+
+    Accepted forms: the bare answer, "answer: X" / "the answer is X", "... = X" ("3 + 4 = 7"), and
+    the way a chat model answers in a sentence:
+      - a number: every number of the reply, less one occurrence of each number in the prompt,
+        equals it ("What is 3 plus 4?" -> "3 plus 4 is 7." and "The sum is 7, since 3 + 4 = 7.");
+      - one word (copy, reverse, upper): it is the reply's last word and no other word is a
+        variant of it (the prompt's own words aside): "Stone spelled backwards is enots." passes.
+    A near miss ("13" for "12", "abc" for "abcd") or two different answers ("7 or 8", "It is 7.
+    Or 8.", "enots, or maybe etons") gets 0: a verifier that searched the text for the answer
+    would reward listing candidates. Case is ignored, except when the answer is written in capitals
+    (two letters or more, all upper case): then writing it in capitals is the task (the tiny world's
+    "write X in capital letters"), and the prompt's word in other case counts as another answer.
     """
     answer = example["answer"]
     keep_case = answer.isupper() and sum(c.isalpha() for c in answer) >= 2
@@ -422,7 +470,13 @@ def task_reward(example: dict, response: str) -> float:
         candidates.append(normalize_answer(text[prefix.end():], keep_case))
     if "=" in text and "=" not in target:
         candidates.append(normalize_answer(text.rsplit("=", 1)[1], keep_case))
-    return float(any(_same_answer(c, target) for c in candidates))
+    if any(_same_answer(c, target) for c in candidates):
+        return 1.0
+    if _NUMBER.fullmatch(_THOUSANDS.sub("", target)):
+        return float(_natural_number(example, response, _THOUSANDS.sub("", target)))
+    if _LETTERS.fullmatch(target):
+        return float(_natural_word(example, response, target, keep_case))
+    return 0.0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -314,6 +314,41 @@ def test_task_reward_rejects_near_misses(answer, response):
     assert reward.task_reward({"answer": answer}, response) == 0.0
 
 
+def asked(question: str, answer: str) -> dict:
+    return {"kind": "task", "prompt": [{"role": "user", "content": question}], "answer": answer}
+
+
+@pytest.mark.parametrize("question, answer, response", [
+    ("What is 3 plus 4?", "7", "3 plus 4 is 7."),
+    ("What is 3 plus 4?", "7", "The sum is 7, since 3 + 4 = 7."),
+    ("What is 3 plus 3?", "6", "3 plus 3 is 6"),  # each prompt number restated once
+    ("What is 0 plus 7?", "7", "0 plus 7 equals 7."),  # the answer is also an operand
+    ("Spell stone backwards.", "enots", "Stone spelled backwards is enots."),
+    ("Copy the word koma.", "koma", "Sure! Here is the word: koma"),
+    ("Write stone in capital letters.", "STONE", "In capital letters, stone is STONE."),
+    ("Write stone in capital letters.", "STONE", 'Here it is: "STONE"'),
+])
+def test_task_reward_accepts_a_natural_sentence(question, answer, response):
+    assert reward.task_reward(asked(question, answer), response) == 1.0
+
+
+@pytest.mark.parametrize("question, answer, response", [
+    ("What is 3 plus 4?", "7", "3 plus 4 is 8."),  # near miss
+    ("What is 3 plus 4?", "7", "It is 7 or 8."),  # two answers
+    ("What is 3 plus 4?", "7", "It is 8. Or 7."),
+    ("What is 3 plus 4?", "7", "3 plus 4"),  # only restates the question
+    ("Spell stone backwards.", "enots", "Backwards: etons"),
+    ("Spell stone backwards.", "enots", "Maybe etons, or enots."),  # a variant beside the answer
+    ("Spell stone backwards.", "enots", "stone"),
+    ("Copy the word koma.", "koma", "Here: kom"),
+    ("Copy the word koma.", "koma", "kona or koma"),
+    ("Copy the word koma.", "koma", "koma is the word"),  # the answer must end the reply
+    ("Write stone in capital letters.", "STONE", "Stone or STONE"),  # other case = another answer
+])
+def test_task_reward_rejects_near_misses_and_hedges_in_sentences(question, answer, response):
+    assert reward.task_reward(asked(question, answer), response) == 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Rewarder
 # ----------------------------------------------------------------------------------------------
