@@ -5,6 +5,7 @@ import copy
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -377,3 +378,37 @@ def test_demo_runs():
     out = subprocess.run([sys.executable, "reward.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "honest" in out.stdout and "shouting" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Judge agreement against gold labels
+# ----------------------------------------------------------------------------------------------
+
+def test_agreement_hand_computed():
+    # 3 of 4 agree; chance agreement at yes-rates 1/2 (gold) and 1/4 (judge) is 1/2 -> kappa 1/2
+    out = reward.agreement([True, True, False, False], [True, False, False, False])
+    assert out["accuracy"] == 0.75 and out["kappa"] == pytest.approx(0.5)
+    assert out["kappa_ci"][0] <= out["kappa"] <= out["kappa_ci"][1]
+
+
+def test_judge_agreement_on_stub_judges():
+    """On the world's balanced gold pairs a judge that always says yes is right half the time with
+    kappa 0; one that knows every answer (read back from the question) has kappa 1."""
+    pairs = reward.gold_pairs(40)
+    assert sum(met for *_, met in pairs) == 20 and len({(r, c["criterion"]) for _, r, c, _ in pairs}) == 40
+    gold = {(response, crit["criterion"]): met for _, response, crit, met in pairs}
+
+    class AlwaysYes:
+        def yes_probability(self, questions):
+            return [0.9] * len(questions)
+
+    class Perfect:
+        def yes_probability(self, questions):
+            texts = [q[0]["content"] for q in questions]
+            return [float(gold[(re.search(r"<reply>\n(.*)\n</reply>", t, re.S).group(1),
+                                re.search(r"\nCriterion: (.*)\n", t).group(1))]) for t in texts]
+
+    yes = reward.judge_agreement(AlwaysYes(), 40)
+    assert yes["accuracy"] == 0.5 and yes["kappa"] == 0.0 and yes["judge_met_rate"] == 1.0
+    perfect = reward.judge_agreement(Perfect(), 40)
+    assert perfect["accuracy"] == 1.0 and perfect["kappa"] == 1.0 and perfect["kappa_ci"] == [1.0, 1.0]
