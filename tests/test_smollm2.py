@@ -161,6 +161,9 @@ def test_two_gloo_ranks_equal_one_rank(tmp_path, smollm2_dir):
     init = load_file(os.path.join(smollm2_dir, "model.safetensors"))
     assert a.keys() == b.keys()
     assert any(not torch.equal(a[k], init[k]) for k in a)  # the steps moved the weights
+    # AdamW's first steps move a weight by ~lr x sign(its gradient) (2e-5 after two steps); the ranks'
+    # other summation order flips that for a few near-zero gradients (measured: 4 of 134M weights,
+    # off by at most 2e-6), so the bound is a quarter of what the steps moved, not exact equality
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=5e-6, msg=k)
 
