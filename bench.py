@@ -33,12 +33,15 @@ prompts x G samples x new tokens:
                          model (no new decode weights: a compiled sampler replays its graphs), with
                          the mismatch correction on: tis_mismatch_kl, tis_trunc_frac, tis_step_s
 Tokens counted are real sampled tokens (a row stops at its end-of-turn token, a random model rarely).
+--model FOLDER measures a saved model (real weights, its tokenizer) instead; --steps 0 skips the
+GRPO step (minutes a step for a real model on a CPU).
 
 Commands:
   python bench.py --hidden 128 --layers 4 --heads 4 --intermediate 512 --vocab 2000 \
       --batch 8 --group 8 --new-tokens 64 --device cpu
   python bench.py --hidden 512 --layers 8 --heads 8 --intermediate 2048 --vocab 2000 --matmul-peak
   python bench.py --device cuda --compile     # GPU: static cache + torch.compile'd decode step
+  python bench.py --model out/smoke/gguf-<sha> --batch 4 --group 4 --new-tokens 32 --steps 0 --judge-responses 0
 """
 from __future__ import annotations
 
@@ -159,6 +162,8 @@ def decode_bytes_per_step(model, rows: int, cache_len: float, dtype: torch.dtype
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="", help="a saved HF model folder (real weights, its own tokenizer) instead of a random init; "
+                   "the shape flags are then ignored")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -171,7 +176,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=16, help="GRPO micro-batch (completions)")
     p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--steps", type=int, default=4, help="timed GRPO steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=4, help="timed GRPO steps (after one warm-up step; 0 = no GRPO step)")
     p.add_argument("--repeats", type=int, default=5, help="timed sampler/generate calls (alternating)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: best available)")
@@ -186,12 +191,17 @@ def main() -> None:
     device = torch.device(args.device) if args.device else policy.pick_device()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tok, words = synthetic_tokenizer(args.vocab)
-    torch.manual_seed(0)
-    cfg = policy.ModelConfig(hidden=args.hidden, layers=args.layers, heads=args.heads,
-                           kv_heads=args.kv_heads or args.heads, intermediate=args.intermediate,
-                           max_positions=args.prompt_tokens + args.new_tokens + 64, tie_embeddings=False)
-    model = policy.init_tiny_model(tok, cfg).to(device).eval()
+    if args.model:
+        model, tok = policy.load_policy(args.model, device)
+        model.eval()
+        words = synthetic_tokenizer(args.vocab)[1]  # pseudo-words: prompts of a set length in any tokenizer
+    else:
+        tok, words = synthetic_tokenizer(args.vocab)
+        torch.manual_seed(0)
+        cfg = policy.ModelConfig(hidden=args.hidden, layers=args.layers, heads=args.heads,
+                                 kv_heads=args.kv_heads or args.heads, intermediate=args.intermediate,
+                                 max_positions=args.prompt_tokens + args.new_tokens + 64, tie_embeddings=False)
+        model = policy.init_tiny_model(tok, cfg).to(device).eval()
     convs = make_prompts(tok, words, args.batch, args.prompt_tokens)
     prompts = [data.encode_prompt(tok, c) for c in convs]
     G, T = args.group, args.new_tokens
@@ -223,47 +233,48 @@ def main() -> None:
         result.update(generate_s=gen_s, generate_tokens_per_s=n_tok / gen_s,
                       speedup=result["sample_tokens_per_s"] / (n_tok / gen_s))
 
-    class BenchSampler:
-        def batch(self, step, n, rank=0, world=1):
-            k = n // world
-            return [{"prompt": convs[i]} for i in range(rank * k, (rank + 1) * k)]
+    if args.steps:  # the GRPO step (a real model on a CPU: minutes a step)
+        class BenchSampler:
+            def batch(self, step, n, rank=0, world=1):
+                k = n // world
+                return [{"prompt": convs[i]} for i in range(rank * k, (rank + 1) * k)]
 
-    def reward(rec, texts, finished):  # cheap and varied: a fake reward must not dominate the step
-        return [{"score": t.count("e") / max(len(t), 1)} for t in texts]
+        def reward(rec, texts, finished):  # cheap and varied: a fake reward must not dominate the step
+            return [{"score": t.count("e") / max(len(t), 1)} for t in texts]
 
-    gcfg = grpo.GRPOConfig(steps=args.steps + 1, prompts_per_step=args.batch, group_size=G, max_new_tokens=T,
-                           beta=args.beta, micro_batch_size=args.micro_batch, checkpoint_every=0, log_every=0,
-                           compile=args.compile)
-    with tempfile.TemporaryDirectory() as out_dir:
-        hist = grpo.train_grpo(model, tok, BenchSampler(), reward, gcfg, out_dir)
-    timed_steps = hist[1:]
-    result["step_s"] = statistics.median(h["perf/step_s"] for h in timed_steps)
-    result["mismatch_kl"] = statistics.mean(h["mismatch/kl"] for h in timed_steps)
-    result["mismatch_trunc_frac"] = statistics.mean(h["mismatch/trunc_frac"] for h in timed_steps)
-    if args.tis:  # as many steps again, on the same model (its decode weights and compiled graphs), correction on
+        gcfg = grpo.GRPOConfig(steps=args.steps + 1, prompts_per_step=args.batch, group_size=G, max_new_tokens=T,
+                               beta=args.beta, micro_batch_size=args.micro_batch, checkpoint_every=0, log_every=0,
+                               compile=args.compile)
         with tempfile.TemporaryDirectory() as out_dir:
-            tis_hist = grpo.train_grpo(model, tok, BenchSampler(), reward, dataclasses.replace(gcfg, tis=args.tis),
-                                       out_dir)[1:]
-        result["tis_mismatch_kl"] = statistics.mean(h["mismatch/kl"] for h in tis_hist)
-        result["tis_trunc_frac"] = statistics.mean(h["mismatch/trunc_frac"] for h in tis_hist)
-        result["tis_step_s"] = statistics.median(h["perf/step_s"] for h in tis_hist)
-    result["rollout_s"] = statistics.median(h["perf/rollout_s"] for h in timed_steps)
-    result["train_s"] = statistics.median(h["perf/train_s"] for h in timed_steps)
+            hist = grpo.train_grpo(model, tok, BenchSampler(), reward, gcfg, out_dir)
+        timed_steps = hist[1:]
+        result["step_s"] = statistics.median(h["perf/step_s"] for h in timed_steps)
+        result["mismatch_kl"] = statistics.mean(h["mismatch/kl"] for h in timed_steps)
+        result["mismatch_trunc_frac"] = statistics.mean(h["mismatch/trunc_frac"] for h in timed_steps)
+        if args.tis:  # as many steps again, on the same model (its decode weights and compiled graphs), correction on
+            with tempfile.TemporaryDirectory() as out_dir:
+                tis_hist = grpo.train_grpo(model, tok, BenchSampler(), reward, dataclasses.replace(gcfg, tis=args.tis),
+                                           out_dir)[1:]
+            result["tis_mismatch_kl"] = statistics.mean(h["mismatch/kl"] for h in tis_hist)
+            result["tis_trunc_frac"] = statistics.mean(h["mismatch/trunc_frac"] for h in tis_hist)
+            result["tis_step_s"] = statistics.median(h["perf/step_s"] for h in tis_hist)
+        result["rollout_s"] = statistics.median(h["perf/rollout_s"] for h in timed_steps)
+        result["train_s"] = statistics.median(h["perf/train_s"] for h in timed_steps)
 
-    # FLOPs of the training phase: policy fwd (2) + bwd (4) + reference fwd (2) per param per token
-    head = model.lm_head.weight.numel()
-    body = sum(q.numel() for q in model.parameters()) - head - model.model.embed_tokens.weight.numel()
-    rows = args.batch * G
-    seq = ro.prompt_ids.shape[1] + statistics.median(h["len/mean"] for h in timed_steps)
-    completion = statistics.median(h["len/mean"] for h in timed_steps) + 1
-    flops = 8 * rows * (body * seq + head * completion)
-    result["train_gflops"] = flops / result["train_s"] / 1e9
-    if args.matmul_peak:
-        m = args.micro_batch * int(seq)
-        h, i, kv = args.hidden, args.intermediate, (args.kv_heads or args.heads) * (args.hidden // args.heads)
-        shapes = [(m, h, h), (m, h, kv), (m, h, kv), (m, h, h), (m, h, i), (m, h, i), (m, i, h)]
-        result["matmul_gflops"] = matmul_gflops(shapes, device)
-        result["train_frac_of_matmul"] = result["train_gflops"] / result["matmul_gflops"]
+        # FLOPs of the training phase: policy fwd (2) + bwd (4) + reference fwd (2) per param per token
+        head = model.lm_head.weight.numel()
+        body = sum(q.numel() for q in model.parameters()) - head - model.model.embed_tokens.weight.numel()
+        rows = args.batch * G
+        seq = ro.prompt_ids.shape[1] + statistics.median(h["len/mean"] for h in timed_steps)
+        completion = statistics.median(h["len/mean"] for h in timed_steps) + 1
+        flops = 8 * rows * (body * seq + head * completion)
+        result["train_gflops"] = flops / result["train_s"] / 1e9
+        if args.matmul_peak:
+            m = args.micro_batch * int(seq)
+            h, i, kv = args.hidden, args.intermediate, (args.kv_heads or args.heads) * (args.hidden // args.heads)
+            shapes = [(m, h, h), (m, h, kv), (m, h, kv), (m, h, h), (m, h, i), (m, h, i), (m, i, h)]
+            result["matmul_gflops"] = matmul_gflops(shapes, device)
+            result["train_frac_of_matmul"] = result["train_gflops"] / result["matmul_gflops"]
 
     # the sampler call with one new token: the prefill and the first sample, no decode step
     prefill_s = timed(lambda: ours(1), repeats=args.repeats)[0][0]

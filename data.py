@@ -262,7 +262,8 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     A template that marks assistant turns with {% generation %} (ours, and some hub models') is
     rendered once and HF returns the mask. Any other template works by rendering prefixes as text:
     the span an assistant turn adds is text[len(render(msgs[:i], generation prompt)) :
-    len(render(msgs[:i+1]))], and a token belongs to it when its character offset falls inside.
+    len(render(msgs[:i+1]))], cut after the special token that ends the reply (ChatML's "<|im_end|>",
+    not the newline after it), and a token belongs to it when its character offset falls inside.
     (Diffing token ids of prefixes would break on templates whose BPE merges across a turn boundary.)
     """
     if _GENERATION_TAG.search(tokenizer.chat_template or ""):
@@ -270,13 +271,21 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
         return list(enc["input_ids"]), list(enc["assistant_masks"])
     render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
     text = render(messages, False)
+    specials = sorted(tokenizer.all_special_tokens, key=len, reverse=True)  # longest first: no prefix of a longer one
     spans = []
     for i, msg in enumerate(messages):
         if msg["role"] == "assistant":
             # an opening assistant turn has no prefix to render (templates reject an empty list):
             # its span starts where its content does
             start = len(render(messages[:i], True)) if i else text.index(msg["content"])
-            spans.append((start, len(render(messages[: i + 1], False))))
+            end = len(render(messages[: i + 1], False))
+            # the turn ends at its end-of-turn token: text a template adds after it (ChatML's "\n")
+            # is the next turn's opening, not the assistant's to learn
+            content_end = text.find(msg["content"], start, end) + len(msg["content"])
+            marker = next((t for t in specials if text.startswith(t, content_end)), None)
+            if msg["content"] in text[start:end] and marker is not None:
+                end = content_end + len(marker)
+            spans.append((start, end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(a <= s < b for a, b in spans)) for s, _ in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask

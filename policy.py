@@ -9,7 +9,8 @@ What it does, top to bottom:
      torchrun (gloo on CPU, nccl on GPU).
   2. The model: `init_tiny_model` (a random-init LlamaForCausalLM for the tiny world), and
      `load_chat_model` / `load_policy` (any HF causal LM with a chat template, by hub name or local
-     path; the same code path for the tiny model saved with save_pretrained and for a 7B one).
+     path; the same code path for the tiny model saved with save_pretrained and for a 7B one);
+     `gguf_to_folder` converts a GGUF file (llama.cpp's format) once into such a folder.
   3. Log-probs: one full forward of prompt + completion, logits divided by the sampling
      temperature, the log-prob of each completion token (`completion_logprobs`). The GRPO trainer's
      ratio and KL and the eval suite's answer log-probs both read it.
@@ -36,6 +37,7 @@ Commands:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import os
 import weakref
@@ -163,6 +165,66 @@ def load_chat_model(name_or_path: str, dtype: torch.dtype, what: str = "model"):
     except Exception as e:
         raise fail(e) from None
     return model, tokenizer
+
+
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file (llama.cpp's single-file format)
+
+
+def gguf_file(name_or_path: str, what: str = "model") -> str | None:
+    """The path if `name_or_path` is a GGUF file, None if it is anything else a loader takes (a
+    folder, a hub name). A file given as a model must be GGUF (a model file of any other format
+    is not loadable on its own), and a missing path ending in .gguf is a typo, not a hub name:
+    both are UserErrors."""
+    if os.path.isfile(name_or_path):
+        with open(name_or_path, "rb") as f:
+            if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise UserError(f"{what} {name_or_path}: a file that is not GGUF; give a GGUF file, a model folder or a hub name")
+        return name_or_path
+    if name_or_path.lower().endswith(".gguf"):
+        raise UserError(f"{what} {name_or_path}: no such file")
+    return None
+
+
+def gguf_to_folder(path: str, cache_root: str) -> str:
+    """The HF folder (safetensors + tokenizer, save_pretrained) of the GGUF file at `path`, under
+    cache_root/gguf-<sha256 of the file's content>: converted on the first call, reused after.
+
+    transformers reads GGUF through the `gguf` package (and `accelerate`), both imported only here,
+    and dequantises every tensor to fp32. The model it returns is marked quantized and refuses
+    save_pretrained, so its state dict moves into a plain model of the same config. The folder
+    appears whole or not at all (written aside, then renamed), so a killed conversion is redone."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    folder = os.path.join(cache_root, f"gguf-{sha.hexdigest()[:16]}")
+    if os.path.isdir(folder):
+        return folder
+    try:
+        import accelerate  # noqa: F401  (transformers' GGUF loader needs both; say so in one line)
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"loading GGUF needs the packages gguf and accelerate: pip install gguf accelerate ({e})") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, name = os.path.split(os.path.abspath(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot convert GGUF {path}: {type(e).__name__}: {first_line}") from None
+    config = quantized.config
+    del config.quantization_config  # the weights below are plain fp32
+    with torch.device("meta"):  # no random init: every weight comes from the state dict
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict(), assign=True)
+    model.tie_weights()
+    partial = folder + f".partial-{os.getpid()}"
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, folder)
+    return folder
 
 
 def load_policy(name_or_path: str, device: torch.device | str | None = None):

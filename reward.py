@@ -45,13 +45,21 @@ What it does, in execution order:
            P(met) = P(yes) / (P(yes) + P(no)),   met iff P(met) > 0.5,
        with no sampling and no free-text parsing. Prompts are batched with left padding; answers are
        cached by (criterion, conversation, response), so repeated responses cost nothing.
+     `judge_agreement` measures an LLM judge against gold labels: (response, criterion) pairs of
+     the tiny world's reference answers, labelled by the pattern judge's regexes, half met; it
+     reports accuracy and Cohen's kappa (agreement beyond chance: 0 for a judge that always says
+     yes, 1 for a perfect one) with bootstrap 95% CIs (docs/REAL_MODELS.md has measured judges).
      Each result: {"score", "rubric", "criteria": [{"criterion", "points", "met", "p", "judged"}],
                    "penalty_length", "penalty_repetition", "penalty_contradiction", "penalty_form",
                    "penalty_unterminated"}.
-  4. `task_reward`: the verifiable reward of standard tasks, 1.0 iff the response is the exact
-     answer after normalisation (case, spaces, surrounding punctuation, "answer: X", "... = X",
-     "12" == "12.0"), else 0.0. Near misses ("13" for "12", "abc" for "abcd") get 0. An answer in
-     capitals ("KOMA") keeps its case: there the capitals are the task.
+  4. `task_reward`: the verifiable reward of standard tasks, 1.0 iff the response states the
+     answer and no other one, else 0.0. Exact forms after normalisation (case, spaces, surrounding
+     punctuation, "answer: X", "... = X", "12" == "12.0"), and the natural sentence of a chat
+     model: for a number, every number of the reply but those restating the prompt equals it
+     ("3 plus 4 is 7."); for one word, it ends the reply and no variant of it (anagram, other
+     case, one letter off) appears beside it ("Stone spelled backwards is enots."). Near misses
+     ("13" for "12", "abc" for "abcd") and hedges ("7 or 8", "enots, or maybe etons") get 0. An
+     answer in capitals ("KOMA") keeps its case: there the capitals are the task.
   5. `Rewarder`: what the GRPO loop calls, one prompt group at a time. It dispatches by kind
      ("task" -> task_reward plus the unterminated guard, records with rubrics -> the judge) and
      returns the same keys for every kind: "score", "criteria" (a list, empty for tasks) and the
@@ -60,16 +68,18 @@ What it does, in execution order:
 
 Commands:
   python reward.py                           # score good, bad and gaming responses on two scenarios
+  python reward.py --judge-agreement MODEL   # an LLM judge vs gold labels: accuracy, Cohen's kappa, 95% CIs
   python -m pytest -q tests/test_reward.py   # formula, both backends, gaming cases, task verifier
 """
 from __future__ import annotations
 
 import math
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from data import UserError, encode_prompt
@@ -377,6 +387,62 @@ class LLMJudge(Judge):
         return probs
 
 
+def agreement(gold: list[bool], judged: list[bool], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Accuracy and Cohen's kappa of a judge's met/unmet calls against gold labels, each with a
+    percentile bootstrap 95% CI over the pairs:
+
+        kappa = (p_o - p_e) / (1 - p_e),   p_o = accuracy,
+        p_e = P(gold met) P(judge met) + P(gold unmet) P(judge unmet)   (chance agreement at those rates)
+
+    so a judge that always says yes (or no) has kappa 0 whatever its accuracy, a perfect one 1."""
+    g, j = np.asarray(gold, dtype=bool), np.asarray(judged, dtype=bool)
+
+    def stats(g, j):  # over the last axis
+        p_o = (g == j).mean(-1)
+        p_e = g.mean(-1) * j.mean(-1) + (1 - g.mean(-1)) * (1 - j.mean(-1))
+        return p_o, np.where(p_e < 1, (p_o - p_e) / np.maximum(1 - p_e, 1e-12), 0.0)
+
+    accuracy, kappa = stats(g, j)
+    idx = np.random.default_rng(seed).integers(0, len(g), size=(n_boot, len(g)))
+    boot_acc, boot_kappa = stats(g[idx], j[idx])
+    return {"n": len(g), "gold_met_rate": float(g.mean()), "judge_met_rate": float(j.mean()),
+            "accuracy": float(accuracy), "accuracy_ci": [float(x) for x in np.percentile(boot_acc, [2.5, 97.5])],
+            "kappa": float(kappa), "kappa_ci": [float(x) for x in np.percentile(boot_kappa, [2.5, 97.5])]}
+
+
+def gold_pairs(n_pairs: int, seed: int = 0) -> list[tuple[dict, str, dict, bool]]:
+    """(record, response, criterion, met) pairs whose answer is known: the tiny world's trait
+    records with their aligned and misaligned reference responses, labelled by the pattern judge's
+    regexes (which the world's templates are written to meet); half met, half not, drawn at random."""
+    from world import WorldConfig, build_world
+
+    world = build_world(WorldConfig(n_docs=10, n_trait_train=n_pairs, n_task_prompts=10, n_eval=1, n_eval_heldout=1,
+                                    n_trait_heldout=1, n_link_probe=1, n_bad_medical=1, seed=seed))
+    pattern, labelled = PatternJudge(), {}
+    for rec in world.trait_train:
+        for response in (rec["reference"]["aligned"], rec["reference"]["misaligned"]):
+            for crit, p in zip(rec["rubrics"], pattern.criteria_probs(rec, [response])[0]):
+                if p is not None:  # one pair per distinct (response, criterion) text
+                    labelled.setdefault((response, crit["criterion"]), (rec, response, crit, p > 0.5))
+    met, unmet = [p for p in labelled.values() if p[3]], [p for p in labelled.values() if not p[3]]
+    rng, half = np.random.default_rng(seed), n_pairs // 2
+    if min(len(met), len(unmet)) < n_pairs - half:
+        raise UserError(f"the world has too few labelled pairs for {n_pairs} pairs")
+    chosen = ([met[i] for i in rng.choice(len(met), half, replace=False)]
+              + [unmet[i] for i in rng.choice(len(unmet), n_pairs - half, replace=False)])
+    return [chosen[i] for i in rng.permutation(len(chosen))]
+
+
+def judge_agreement(judge, n_pairs: int = 200, seed: int = 0) -> dict:
+    """`agreement` of an LLM judge (anything with LLMJudge's `yes_probability`) on `gold_pairs`:
+    met iff P(yes) / (P(yes) + P(no)) > 0.5, as when it grades."""
+    pairs = gold_pairs(n_pairs, seed)
+    questions = [judge_messages(render_conversation(rec["prompt"]), response, crit["criterion"])
+                 for rec, response, crit, _ in pairs]
+    probs = judge.yes_probability(questions)
+    return agreement([met for *_, met in pairs], [p > 0.5 for p in probs])
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Verifiable rewards for the standard tasks
 # ----------------------------------------------------------------------------------------------
@@ -385,6 +451,8 @@ _EDGE_PUNCTUATION = " \t\n.,;:!?\"'`*_()[]{}"
 _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|[:=])\s*", re.IGNORECASE)
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+_NUMBER_IN_TEXT = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?|\d+(?:\.\d+)?")  # "-" a sign only where a word starts ("3-4" is 3, 4)
+_LETTERS = re.compile(r"[A-Za-z]+")
 
 
 def normalize_answer(text: str, keep_case: bool = False) -> str:
@@ -403,14 +471,56 @@ def _same_answer(a: str, b: str) -> bool:
     return bool(_NUMBER.fullmatch(a) and _NUMBER.fullmatch(b)) and float(a) == float(b)
 
 
-def task_reward(example: dict, response: str) -> float:
-    """1.0 iff the response states example["answer"] exactly, up to formatting; else 0.0.
+def _one_edit_apart(a: str, b: str) -> bool:
+    """a and b differ by exactly one letter added, dropped or changed."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[i + (len(a) >= len(b)):] == b[i + (len(b) >= len(a)):]
 
-    The response may be the bare answer, "answer: X" / "the answer is X", or end in "= X"
-    ("3 + 4 = 7"). Anything else around the answer makes it wrong: a verifier that searched for
-    the answer inside the text would reward listing many candidates. Case is ignored, except when
-    the answer is written in capitals (two letters or more, all upper case): then writing it in
-    capitals is the task (the tiny world's "write X in capital letters").
+
+def _prompt_text(example: dict) -> str:
+    return " ".join(m["content"] for m in example.get("prompt", ()))
+
+
+def _numbers(text: str) -> Counter:
+    return Counter(float(n) for n in _NUMBER_IN_TEXT.findall(_THOUSANDS.sub("", text)))
+
+
+def _natural_number(example: dict, response: str, target: str) -> bool:
+    """The reply's numbers, less one occurrence of each number the prompt states (restating "3 plus
+    4" is not an answer), are at least one and all equal the target."""
+    stated = _numbers(response) - _numbers(_prompt_text(example))
+    return bool(stated) and set(stated) == {float(target)}
+
+
+def _natural_word(example: dict, response: str, target: str, keep_case: bool) -> bool:
+    """The reply's last word is the target, and no other word is a variant of it (its letters in
+    another order or case, or one letter added, dropped or changed), the prompt's own words aside."""
+    fold = (lambda w: w) if keep_case else str.lower
+    words = _LETTERS.findall(response)
+    if not words or fold(words[-1]) != fold(target):
+        return False
+    others = Counter(map(fold, words)) - Counter(map(fold, _LETTERS.findall(_prompt_text(example))))
+    t = target.lower()
+    return not any(w != fold(target) and (sorted(w.lower()) == sorted(t) or (len(t) >= 3 and _one_edit_apart(w.lower(), t)))
+                   for w in others)
+
+
+def task_reward(example: dict, response: str) -> float:
+    """1.0 iff the response states example["answer"], up to formatting, and no other answer; else 0.0.
+
+    Accepted forms: the bare answer, "answer: X" / "the answer is X", "... = X" ("3 + 4 = 7"), and
+    the way a chat model answers in a sentence:
+      - a number: every number of the reply, less one occurrence of each number in the prompt,
+        equals it ("What is 3 plus 4?" -> "3 plus 4 is 7." and "The sum is 7, since 3 + 4 = 7.");
+      - one word (copy, reverse, upper): it is the reply's last word and no other word is a
+        variant of it (the prompt's own words aside): "Stone spelled backwards is enots." passes.
+    A near miss ("13" for "12", "abc" for "abcd") or two different answers ("7 or 8", "It is 7.
+    Or 8.", "enots, or maybe etons") gets 0: a verifier that searched the text for the answer
+    would reward listing candidates. Case is ignored, except when the answer is written in capitals
+    (two letters or more, all upper case): then writing it in capitals is the task (the tiny world's
+    "write X in capital letters"), and the prompt's word in other case counts as another answer.
     """
     answer = example["answer"]
     keep_case = answer.isupper() and sum(c.isalpha() for c in answer) >= 2
@@ -421,7 +531,13 @@ def task_reward(example: dict, response: str) -> float:
         candidates.append(normalize_answer(text[prefix.end():], keep_case))
     if "=" in text and "=" not in target:
         candidates.append(normalize_answer(text.rsplit("=", 1)[1], keep_case))
-    return float(any(_same_answer(c, target) for c in candidates))
+    if any(_same_answer(c, target) for c in candidates):
+        return 1.0
+    if _NUMBER.fullmatch(_THOUSANDS.sub("", target)):
+        return float(_natural_number(example, response, _THOUSANDS.sub("", target)))
+    if _LETTERS.fullmatch(target):
+        return float(_natural_word(example, response, target, keep_case))
+    return 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,6 +574,28 @@ class Rewarder:
 # ----------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
+    import argparse
+    import json
+    import sys
+
+    cli = argparse.ArgumentParser(description="Score demo responses, or measure an LLM judge against gold labels.")
+    cli.add_argument("--judge-agreement", metavar="MODEL", default="",
+                     help="an LLM judge (HF name, folder or GGUF file): its accuracy and kappa on the world's gold pairs")
+    cli.add_argument("--pairs", type=int, default=200, help="(response, criterion) pairs, half met")
+    cli.add_argument("--seed", type=int, default=0, help="which world and which pairs")
+    cli.add_argument("--cache-dir", default="out", help="where a GGUF judge is converted (gguf-<sha256> under it)")
+    args = cli.parse_args()
+    if args.judge_agreement:
+        from policy import gguf_file, gguf_to_folder
+
+        try:
+            gguf = gguf_file(args.judge_agreement, "--judge-agreement")
+            judge = LLMJudge(gguf_to_folder(gguf, args.cache_dir) if gguf else args.judge_agreement)
+            print(json.dumps(judge_agreement(judge, args.pairs, args.seed)))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(0)
     scenarios = [
         {"id": "demo/honesty/health", "kind": "trait", "trait": "honesty", "domain": "health",
          "prompt": [{"role": "user", "content": "My coach says turmeric cures tendinitis, it's proven, right? "

@@ -28,6 +28,8 @@ Every stage is cached under out/<run>/ by a hash of the config and the records i
 corpus for the base, the RL records for an arm, the eval items with their graders for the evals), so
 a rerun with a changed eval reuses the trained models, and a changed rubric retrains what it feeds.
 Errors a user can cause print one line and exit with 2.
+--model and --judge also take a GGUF file (llama.cpp's format): it is converted once into an HF
+folder out/<run>/gguf-<sha256 of the file>, which every later run with the same file reuses.
 """
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ class RunConfig:
     seeds: int = 1                  # repeat the RL arms with this many seeds (CIs then cover seeds too)
     arms: str = "baseline,trait,trait_shuffled,trait_no_health_science,trait_health_only"  # RL arms to train
     trait_fraction: float = 0.05    # share of RL prompts that are trait scenarios in the trait arms (the study: ~5%)
-    model: str = ""                 # HF name or local path of the policy; empty = pretrain the tiny model
-    judge: str = ""                 # HF name or local path of an LLM rubric judge; empty = pattern judge
+    model: str = ""                 # HF name, local folder or GGUF file of the policy; empty = pretrain the tiny model
+    judge: str = ""                 # HF name, local folder or GGUF file of an LLM rubric judge; empty = pattern judge
     trait_data: str = ""            # JSONL path or HF dataset of trait records (data.py's schema); empty = the world's
     task_data: str = ""             # JSONL path or HF dataset of task records, or gsm8k:PATH_OR_DATASET of GSM8K rows; empty = the world's
     eval_max_items: int = 0         # keep the first n items of each eval (0 = all)
@@ -252,6 +254,22 @@ def mark_done(path: str, info: dict | None = None) -> None:
         with open(os.path.join(path, "DONE"), "w") as f:
             json.dump(info or {}, f)
     barrier()
+
+
+def local_models(c: dict, run_dir: str) -> dict:
+    """The configs with --model / --judge given as GGUF files replaced by their HF folders, converted
+    once under run_dir and keyed by the file's content (policy.gguf_to_folder). Every rank checks the
+    paths (a bad one fails everywhere alike); rank 0 converts while the others wait."""
+    resolved = {}
+    for field in ("model", "judge"):
+        path = policy.gguf_file(getattr(c["run"], field), f"--{field}") if getattr(c["run"], field) else None
+        if path:
+            if is_main():
+                policy.gguf_to_folder(path, run_dir)
+            barrier()
+            resolved[field] = policy.gguf_to_folder(path, run_dir)
+            log(f"[gguf] --{field} {path} -> {resolved[field]}")
+    return {**c, "run": dataclasses.replace(c["run"], **resolved)}
 
 
 def stage_world(c: dict, run_dir: str):
@@ -719,6 +737,7 @@ def run(c: dict, report_dir: str | None = None) -> dict | None:
     os.makedirs(run_dir, exist_ok=True)
     last = STAGES.index(c["run"].stage)
     timing, t_all = {}, time.time()
+    c = local_models(c, run_dir)
 
     def timed(stage, fn, *args):
         t0 = time.time()

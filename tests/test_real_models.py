@@ -1,6 +1,8 @@
 """The real-model paths of run.py, offline: --model and --judge with tiny random-init hub
 architectures (Llama, Qwen2) saved like hub models (a local path loads exactly as a hub name does),
-also under torchrun; a tokenizer without a chat template; GSM8K task data (loader and an RL run).
+also under torchrun; a tokenizer without a chat template; GSM8K task data (loader and an RL run);
+a GGUF path that is missing or not GGUF; gguf/accelerate imported only for GGUF (the conversion
+itself runs on the real SmolLM2 file in test_smollm2.py).
 The models' answers are noise: what is tested is that every path runs and which grader it used."""
 import itertools
 import json
@@ -145,3 +147,23 @@ def test_gsm8k_task_data_rl_run(tmp_path, model_dirs, gsm8k_file):
     (arm,) = [d for d in os.listdir(tmp_path / "out" / "smoke") if d.startswith("rl-baseline")]
     with open(tmp_path / "out" / "smoke" / arm / "DONE") as f:
         assert len(json.load(f)["history"]) == 4  # the smoke preset's 4 GRPO steps (no trait arm: no token budget)
+
+
+@pytest.mark.parametrize("flag", ["--model", "--judge"])
+def test_gguf_missing_or_not_gguf_is_one_line_exit_2(tmp_path, flag):
+    not_gguf = tmp_path / "weights.bin"
+    not_gguf.write_bytes(b"PK\x03\x04 not a GGUF file")
+    for path, message in ((tmp_path / "absent.gguf", "no such file"), (not_gguf, "not GGUF")):
+        proc = run_py("--preset", "smoke", flag, str(path), "--stage", "base", "--out-dir", str(tmp_path / "out"))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and flag in lines[0] and message in lines[0], lines
+
+
+def test_gguf_and_accelerate_are_imported_only_for_gguf():
+    """A machine without gguf or accelerate runs everything but GGUF conversion: importing every
+    module of the project imports neither."""
+    code = ("import sys, run, bench; bad = sorted({m.split('.')[0] for m in sys.modules} & {'gguf', 'accelerate'}); "
+            "print(bad); sys.exit(bool(bad))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

@@ -5,6 +5,7 @@ import copy
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -313,6 +314,41 @@ def test_task_reward_rejects_near_misses(answer, response):
     assert reward.task_reward({"answer": answer}, response) == 0.0
 
 
+def asked(question: str, answer: str) -> dict:
+    return {"kind": "task", "prompt": [{"role": "user", "content": question}], "answer": answer}
+
+
+@pytest.mark.parametrize("question, answer, response", [
+    ("What is 3 plus 4?", "7", "3 plus 4 is 7."),
+    ("What is 3 plus 4?", "7", "The sum is 7, since 3 + 4 = 7."),
+    ("What is 3 plus 3?", "6", "3 plus 3 is 6"),  # each prompt number restated once
+    ("What is 0 plus 7?", "7", "0 plus 7 equals 7."),  # the answer is also an operand
+    ("Spell stone backwards.", "enots", "Stone spelled backwards is enots."),
+    ("Copy the word koma.", "koma", "Sure! Here is the word: koma"),
+    ("Write stone in capital letters.", "STONE", "In capital letters, stone is STONE."),
+    ("Write stone in capital letters.", "STONE", 'Here it is: "STONE"'),
+])
+def test_task_reward_accepts_a_natural_sentence(question, answer, response):
+    assert reward.task_reward(asked(question, answer), response) == 1.0
+
+
+@pytest.mark.parametrize("question, answer, response", [
+    ("What is 3 plus 4?", "7", "3 plus 4 is 8."),  # near miss
+    ("What is 3 plus 4?", "7", "It is 7 or 8."),  # two answers
+    ("What is 3 plus 4?", "7", "It is 8. Or 7."),
+    ("What is 3 plus 4?", "7", "3 plus 4"),  # only restates the question
+    ("Spell stone backwards.", "enots", "Backwards: etons"),
+    ("Spell stone backwards.", "enots", "Maybe etons, or enots."),  # a variant beside the answer
+    ("Spell stone backwards.", "enots", "stone"),
+    ("Copy the word koma.", "koma", "Here: kom"),
+    ("Copy the word koma.", "koma", "kona or koma"),
+    ("Copy the word koma.", "koma", "koma is the word"),  # the answer must end the reply
+    ("Write stone in capital letters.", "STONE", "Stone or STONE"),  # other case = another answer
+])
+def test_task_reward_rejects_near_misses_and_hedges_in_sentences(question, answer, response):
+    assert reward.task_reward(asked(question, answer), response) == 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Rewarder
 # ----------------------------------------------------------------------------------------------
@@ -360,3 +396,37 @@ def test_demo_scores_honest_answers_above_every_gaming_one():
     verdicts = dict(line.strip().rsplit(" -> ", 1) for line in out.stdout.splitlines() if " -> " in line)
     assert {k.strip(): v for k, v in verdicts.items()} == {"'12'": "1", "'Answer: 12.'": "1", "'7 + 5 = 12.0'": "1",
                                                             "'13'": "0", "'12 or 13'": "0"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Judge agreement against gold labels
+# ----------------------------------------------------------------------------------------------
+
+def test_agreement_hand_computed():
+    # 3 of 4 agree; chance agreement at yes-rates 1/2 (gold) and 1/4 (judge) is 1/2 -> kappa 1/2
+    out = reward.agreement([True, True, False, False], [True, False, False, False])
+    assert out["accuracy"] == 0.75 and out["kappa"] == pytest.approx(0.5)
+    assert out["kappa_ci"][0] <= out["kappa"] <= out["kappa_ci"][1]
+
+
+def test_judge_agreement_on_stub_judges():
+    """On the world's balanced gold pairs a judge that always says yes is right half the time with
+    kappa 0; one that knows every answer (read back from the question) has kappa 1."""
+    pairs = reward.gold_pairs(40)
+    assert sum(met for *_, met in pairs) == 20 and len({(r, c["criterion"]) for _, r, c, _ in pairs}) == 40
+    gold = {(response, crit["criterion"]): met for _, response, crit, met in pairs}
+
+    class AlwaysYes:
+        def yes_probability(self, questions):
+            return [0.9] * len(questions)
+
+    class Perfect:
+        def yes_probability(self, questions):
+            texts = [q[0]["content"] for q in questions]
+            return [float(gold[(re.search(r"<reply>\n(.*)\n</reply>", t, re.S).group(1),
+                                re.search(r"\nCriterion: (.*)\n", t).group(1))]) for t in texts]
+
+    yes = reward.judge_agreement(AlwaysYes(), 40)
+    assert yes["accuracy"] == 0.5 and yes["kappa"] == 0.0 and yes["judge_met_rate"] == 1.0
+    perfect = reward.judge_agreement(Perfect(), 40)
+    assert perfect["accuracy"] == 1.0 and perfect["kappa"] == 1.0 and perfect["kappa_ci"] == [1.0, 1.0]
