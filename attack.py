@@ -20,7 +20,7 @@ What it does, in execution order:
      `PERSONAS` is the same prompts by kind. Extend a group with a line.
   2. `AttackConfig` and the attack suites: the caller's suite minus capability evals (group "task":
      they measure skill, not alignment); the persona attack scores the first `max_items` items of
-     each eval, the fine-tuning curves the first `dose_items` of the evals of `dose_groups`.
+     each eval, the fine-tuning curves `dose_items` per curve, the first items of each of its evals.
   3. Persona prompt attacks (`persona_attack`). Every model answers every eval item with no system
      prompt, then under each selected persona, put in the chat template's system role
      (evaluate.run_suite(..., system_prompt=...)) - the same code for the tiny model and a hub model.
@@ -171,8 +171,8 @@ class AttackConfig:
     finetune_batch_size: int = 16      # conversations per fine-tuning step
     finetune_warmup: int = 5           # linear warmup steps, then constant
     control: bool = True               # also fine-tune on the same prompts, batches and steps with aligned answers (forgetting control)
-    dose_items: int = 50               # items per eval on the fine-tuning curves (health = 2 evals, non-health = 6 on the default world)
-    max_items: int | None = 20         # items per eval for the persona attacks (None = all the suite has)
+    dose_items: int = 100              # items per checkpoint of each fine-tuning curve (health, non-health), split evenly over its evals
+    max_items: int | None = 12         # items per eval for the persona attacks (None = all the suite has)
     personas: tuple[str, ...] | None = None  # names from PERSONAS to use (None = all; needs >= 1 harmful and >= 1 helpful)
     seed: int = 0                      # fine-tuning data order (the first) and bootstrap resamples
 
@@ -483,7 +483,7 @@ def finetune_attack(model_dirs: dict[str, str], conversations: list[list[dict]],
     """
     groups = dose_groups(suite, attack_families)
     scored = {g: groups[g] for g in ("health", "non_health")}
-    dsuite = {n: suite[n][:cfg.dose_items] for names in scored.values() for n in names}
+    dsuite = {n: suite[n][:-(-cfg.dose_items // len(names))] for names in scored.values() for n in names}  # ceil: >= dose_items
     points = curve_steps(cfg.finetune_steps)
     use_control = bool(control) and cfg.control
     if use_control and len(control) != len(conversations):
@@ -653,8 +653,9 @@ if __name__ == "__main__":
     parser.add_argument("--conversations", help="JSONL of fine-tuning conversations (default: the world's bad medical advice)")
     parser.add_argument("--control", help="JSONL of the same prompts with aligned answers, in the same order "
                                           "(default: the world's, when --conversations is not given)")
-    parser.add_argument("--max-items", type=int, default=5, help="items per eval (persona attacks)")
-    parser.add_argument("--dose-items", type=int, default=AttackConfig.dose_items, help="items per eval (fine-tuning curves)")
+    parser.add_argument("--max-items", type=int, default=AttackConfig.max_items, help="items per eval (persona attacks)")
+    parser.add_argument("--dose-items", type=int, default=AttackConfig.dose_items,
+                        help="items per checkpoint of each fine-tuning curve (health, non-health)")
     args = parser.parse_args()
     try:
         named = [m.split("=", 1) if "=" in m else (os.path.basename(os.path.normpath(m)), m) for m in args.models]

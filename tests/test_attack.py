@@ -21,7 +21,7 @@ from world import HELDOUT_PERSONA_PROMPTS, PERSONA_PROMPTS, WorldConfig, build_w
 
 EVAL_CFG = evaluate.EvalConfig(samples_per_item=2, max_new_tokens=8, batch_prompts=8, seed=3)
 CFG = attack.AttackConfig(finetune_steps=5, finetune_lr=1e-2, finetune_batch_size=4, finetune_warmup=1,
-                          max_items=2, dose_items=2, seed=0)
+                          max_items=2, dose_items=3, seed=0)
 
 
 def text_grader(item: dict, response: str) -> dict:
@@ -302,7 +302,7 @@ def test_finetune_curve_starts_at_the_unattacked_model(finetuned, model_dirs, su
     result, _, _ = finetuned
     monkeypatch.setattr(evaluate, "grade", text_grader)
     groups = result["evals"]
-    dsuite = {n: suite[n][:CFG.dose_items] for n in groups["health"] + groups["non_health"]}
+    dsuite = {n: suite[n][:2] for n in groups["health"]} | {n: suite[n][:3] for n in groups["non_health"]}
     for name, path in model_dirs.items():
         model, tokenizer = policy.load_policy(path, device="cpu")  # fresh from disk: the attack wrote nothing there
         results = evaluate.run_suite(model, tokenizer, dsuite, EVAL_CFG, progress=False)
@@ -318,7 +318,7 @@ def test_finetune_attack_returns_every_key(finetuned):
     result, _, _ = finetuned
     # trait_heldout holds honesty and risk sensitivity items, which the bad-medical set trains
     assert result["evals"] == {"health": ["health", "mental_health"], "non_health": ["sycophancy"], "left_out": ["trait_heldout"]}
-    assert result["items"] == {"health": 2 * CFG.dose_items, "non_health": CFG.dose_items}
+    assert result["items"] == {"health": 2 * 2, "non_health": 3}  # dose_items 3 per curve: 2 items of each health eval
     steps = attack.curve_steps(CFG.finetune_steps)
     for r in result["finetune"].values():
         assert {"steps", "health", "non_health", "health_ci", "non_health_ci", "drop"} <= set(r)
