@@ -76,7 +76,7 @@ Commands:
   python attack.py out/tiny/base out/tiny/baseline out/tiny/trait    # both attacks, default world's suite
   python attack.py baseline=out/tiny/rl-baseline-s0-*/final trait=out/tiny/rl-trait-s0-*/final   # NAME=DIR
   python attack.py out/tiny/trait --conversations bad_advice.jsonl   # fine-tune on your own conversations (no control)
-  python run.py --attack-finetune-lrs 1e-3,3e-3 --attack-finetune-orders 3   # the full dose-response (docs/RESULTS.md)
+  python run.py --attack-finetune-lrs 1e-4,3e-4 --attack-finetune-orders 3   # the full dose-response (docs/RESULTS.md)
   (a model named "trait" gets the comparisons; with one named "baseline", selective persistence)
   python -m pytest -q tests/test_attack.py
 """
@@ -165,7 +165,7 @@ COMPARED_TO = ("baseline", "base", "trait_shuffled")  # trait - each of these, b
 @dataclass
 class AttackConfig:
     finetune_steps: int = 64           # harmful fine-tuning steps; checkpoints at 0, 1, 2, 4, ... (doubling) and this last step
-    finetune_lr: float = 1e-3          # its peak LR (chosen on the default models: docs/RESULTS.md; ~1e-5 for real models)
+    finetune_lr: float = 1e-4          # its peak LR: default models half-way to the floor by step 16 (docs/RESULTS.md; ~1e-5 real)
     finetune_lrs: tuple[float, ...] | None = None  # dose-response LRs to sweep (None = finetune_lr alone); the first is the `finetune` view
     finetune_orders: int = 1           # fine-tuning data orders (seeds seed, seed + 1, ...); the dose CIs cover them when > 1
     finetune_batch_size: int = 16      # conversations per fine-tuning step
