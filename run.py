@@ -21,7 +21,9 @@ The recipe:
   4. eval         the suite on base and every arm; bootstrap CIs; aligned / misaligned / unparsed rates;
                   paired arm - baseline and arm - base deltas; "k of N evals improved" with a sign-test
                   p-value; the cross-turn link and forced-prefix probes on the never-RL'd families
-  5. persistence  persona prompt attacks and harmful fine-tuning (attack.py)
+  5. persistence  persona prompt attacks per group (trained, held-out, unreadable switches) and harmful
+                  fine-tuning as a dose-response with a control fine-tune (attack.py), on base, baseline,
+                  trait and trait_shuffled, whichever were trained
   6. report       out/<run>/report.md, report.json, figures/*.png
 
 Every stage is cached under out/<run>/ by a hash of the config and the records it depends on (the
@@ -100,7 +102,8 @@ PRESETS: dict[str, dict] = {
               # the arms match exactly; a run whose answers vary needs steps that are a small share of an
               # arm's tokens (compute matching stops at a whole step: grpo.steps_done)
               "sft.steps": 30, "sft.batch_size": 16, "grpo.steps": 4, "grpo.prompts_per_step": 4,
-              "grpo.group_size": 4, "grpo.max_new_tokens": 24, "eval.samples_per_item": 1, "eval.max_new_tokens": 24},
+              "grpo.group_size": 4, "grpo.max_new_tokens": 24, "eval.samples_per_item": 1, "eval.max_new_tokens": 24,
+              "attack.finetune_steps": 8},
     # A 0.5B-1.5B instruct policy (--model, named by the user: the base stage then loads it, so the
     # sft and model knobs do not apply) on one 80 GB GPU; the same run scales out with torchrun.
     "gpu": {
@@ -477,17 +480,18 @@ def stage_eval(c: dict, run_dir: str, world: World, models: dict[str, list[str]]
 
 
 def stage_persistence(c: dict, run_dir: str, world: World, models: dict[str, list[str]]) -> dict:
-    """Persona prompt attacks and harmful fine-tuning on base, baseline and trait (first seed)."""
-    targets = {name: dirs[0] for name, dirs in models.items() if name in ("base", "baseline", "trait")}
-    suite = evaluate.build_suite(world, max_items=c["attack"].max_items or c["run"].eval_max_items or None)
-    cache = os.path.join(run_dir, f"persistence-{config_hash(targets, c['eval'], c['attack'], suite, world.bad_medical)}.json")
+    """Persona prompt attacks and the harmful fine-tuning dose-response (with its control) on
+    base, baseline, trait and trait_shuffled, whichever were trained (first seed)."""
+    targets = attack.attacked_models({name: dirs[0] for name, dirs in models.items()})
+    suite = evaluate.build_suite(world, max_items=c["run"].eval_max_items or None)
+    key = config_hash(targets, c["eval"], c["attack"], suite, world.bad_medical, world.good_medical)
+    cache = os.path.join(run_dir, f"persistence-{key}.json")
     if os.path.isfile(cache):
         with open(cache) as f:
             return json.load(f)
-    persona = attack.persona_attack(targets, suite, c["eval"], c["attack"], log=log)
-    # the report.json shape outside scripts read: persistence.persona.<model>.{none, harmful, helpful}
-    result = {"persona": persona["persona"], "selective_persistence": persona.get("selective_persistence"),
-              "finetune": attack.finetune_attack(targets, world.bad_medical, suite, c["eval"], c["attack"], log=log)}
+    # the report.json shape outside scripts read: persistence.persona.<model>.{none, harmful, helpful, groups},
+    # persistence.finetune.<model>.{steps, health, non_health}, persistence.dose.<lr>.<model>
+    result = attack.run_attacks(targets, suite, world.bad_medical, world.good_medical, c["eval"], c["attack"], log=log)
     if is_main():
         with open(cache, "w") as f:
             json.dump(result, f)
@@ -634,28 +638,13 @@ def write_report(report: dict, run_dir: str) -> None:
                 delta = pe["vs_baseline"].get(m)
                 md.append(f"| {label} | {m} | {fmt_ci(summary)} | {fmt_ci(delta, 'delta') if delta else '-'} |")
     if "persistence" in report:
-        md += ["", "## Persistence", "", persistence_markdown(report["persistence"])]
+        md += ["", "## Persistence", "", attack.markdown(report["persistence"])]
     md += ["", "## Timing (s)", "", " ".join(f"{k}={v:.0f}" for k, v in report["timing"].items()), ""]
     md += [f"![{os.path.basename(f)}](figures/{os.path.basename(f)})" for f in figures]
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(run_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-
-
-def persistence_markdown(p: dict) -> str:
-    lines = ["| model | none | harmful | helpful | harmful degradation | helpful gain |", "|---|---|---|---|---|---|"]
-    for m, r in p["persona"].items():
-        lines.append(f"| {m} | {r['none']:.3f} | {r['harmful']:.3f} | {r['helpful']:.3f} | "
-                     f"{fmt_ci(r['harmful_degradation'], 'delta')} | {fmt_ci(r['helpful_gain'], 'delta')} |")
-    sel = p["selective_persistence"]
-    if sel:
-        lines.append(f"\nTrait - baseline degradation under harmful personas: {fmt_ci(sel['degradation_diff'], 'delta')}; "
-                     f"helpful gain difference: {fmt_ci(sel['gain_diff'], 'delta')}.")
-    lines += ["", "| model (harmful fine-tuning) | health drop | non-health drop |", "|---|---|---|"]
-    for m, r in p["finetune"].items():
-        lines.append(f"| {m} | {fmt_ci(r['drop']['health'], 'delta')} | {fmt_ci(r['drop']['non_health'], 'delta')} |")
-    return "\n".join(lines)
 
 
 def make_figures(report: dict, fig_dir: str) -> list[str]:
@@ -697,20 +686,49 @@ def make_figures(report: dict, fig_dir: str) -> list[str]:
     ax.set_xlabel("GRPO step"), ax.set_ylabel("mean reward"), ax.legend(), ax.set_title("Training reward")
     paths.append(_save(fig, fig_dir, "training.png"))
     if "persistence" in report:
-        persona = report["persistence"]["persona"]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for i, cond in enumerate(("none", "harmful", "helpful")):
-            ax.bar(np.arange(len(persona)) + i * 0.27, [persona[m][cond] for m in persona], 0.27, label=cond)
-        ax.set_xticks(np.arange(len(persona)) + 0.27, list(persona)), ax.set_ylim(0, 1)
-        ax.set_ylabel("aligned rate"), ax.legend(title="persona prompt"), ax.set_title("Persona prompt attacks")
-        paths.append(_save(fig, fig_dir, "persona_attack.png"))
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for m, r in report["persistence"]["finetune"].items():
-            for ax, key in zip(axes, ("health", "non_health")):
-                ax.plot(r["steps"], r[key], marker="o", label=m)
-                ax.set_title(f"{key} evals under harmful fine-tuning"), ax.set_xlabel("fine-tuning step")
+        paths += persistence_figures(report["persistence"], fig_dir)
+    return paths
+
+
+def persistence_figures(p: dict, fig_dir: str) -> list[str]:
+    """Per-group persona bars (degradation, steering) and the dose-response curves with CI bands
+    (harmful solid, control dashed), one figure per fine-tuning LR."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    persona = p["persona"]
+    models = list(persona)
+    groups = list(next(iter(persona.values()))["groups"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    width = 0.8 / len(models)
+    for ax, kind, title in zip(axes, ("degradation", "steering"), ("harmful personas: degradation (none - harmful)",
+                                                                    "helpful personas: steering (helpful - none)")):
+        for i, m in enumerate(models):
+            d = [persona[m]["groups"][g].get(kind) or {"delta": np.nan, "ci": [np.nan, np.nan]} for g in groups]
+            err = np.array([[x["delta"] - x["ci"][0] for x in d], [x["ci"][1] - x["delta"] for x in d]])
+            ax.bar(np.arange(len(groups)) + i * width, [x["delta"] for x in d], width, yerr=err, label=m, capsize=2)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(np.arange(len(groups)) + width * (len(models) - 1) / 2, groups), ax.set_title(title)
+    axes[0].set_ylabel("change in aligned rate"), axes[0].legend()
+    paths.append(_save(fig, fig_dir, "persona_attack.png"))
+    for n, (lr, per_model) in enumerate(p["dose"].items()):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for i, (m, r) in enumerate(per_model.items()):
+            color = f"C{i}"
+            for ax, g in zip(axes, ("health", "non_health")):
+                for curve, style in ((g, "-"), (f"control_{g}", "--")):
+                    if curve not in r:
+                        continue
+                    lo, hi = np.array(r[f"{curve}_ci"]).T
+                    ax.plot(r["steps"], r[curve], style, color=color, marker="o", ms=3,
+                            label=m if curve == g else None)
+                    ax.fill_between(r["steps"], lo, hi, color=color, alpha=0.12)
+                ax.set_xscale("symlog", base=2, linthresh=1), ax.set_xlabel("fine-tuning step")
+                ax.set_title(f"{g} evals (solid: bad advice, dashed: control)")
         axes[0].set_ylabel("aligned rate"), axes[0].legend()
-        paths.append(_save(fig, fig_dir, "finetune_attack.png"))
+        fig.suptitle(f"Harmful fine-tuning dose-response, LR {lr}")
+        paths.append(_save(fig, fig_dir, "finetune_attack.png" if n == 0 else f"finetune_attack_lr{lr}.png"))
     return paths
 
 

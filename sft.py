@@ -100,8 +100,10 @@ def _assistant_loss(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def sft(model, tokenizer, conversations: list[list[dict]], cfg: SFTConfig, log=print,
-        callback: Callable | None = None) -> list[float]:
-    """Supervised fine-tuning on the assistant tokens of `conversations`; returns the loss per step."""
+        callback: Callable | None = None, order_like: list[list[dict]] | None = None) -> list[float]:
+    """Supervised fine-tuning on the assistant tokens of `conversations`; returns the loss per step.
+    `order_like`: conversations (as many) whose lengths set the batches instead of these, so a
+    control fine-tune on other answers to the same prompts gets the same prompts in the same batches."""
     device = next(model.parameters()).device
     examples = []
     for conv in conversations:
@@ -111,10 +113,16 @@ def sft(model, tokenizer, conversations: list[list[dict]], cfg: SFTConfig, log=p
             examples.append((ids, mask))
     if not examples:
         raise UserError("sft: no conversation has an assistant turn to learn from")
+    lengths = [len(ids) for ids, _ in examples]
+    if order_like is not None:
+        if len(order_like) != len(conversations) or len(examples) != len(conversations):
+            raise UserError(f"sft: order_like has {len(order_like)} conversations for {len(conversations)} "
+                            f"({len(examples)} with an assistant turn to learn)")
+        lengths = [min(len(encode_chat(tokenizer, conv)[0]), cfg.max_len) for conv in order_like]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.schedule, cfg.min_lr_frac))
-    batches = bucketed_batches([len(ids) for ids, _ in examples], cfg.batch_size, cfg.seed)
+    batches = bucketed_batches(lengths, cfg.batch_size, cfg.seed)
     pad = tokenizer.pad_token_id
     amp = autocast(device, cfg.cpu_bf16)
     attn_impl = model.config._attn_implementation

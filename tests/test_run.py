@@ -58,15 +58,30 @@ def test_report_has_every_section(smoke):
         assert {"after_aligned", "after_misaligned", "link_misaligned"} <= set(probes["link"])
         assert {"forced_aligned", "forced_misaligned", "gap"} <= set(probes["forced_prefix"])
     assert set(report["comparisons"]["trait"]) == set(report["evals"])
-    persona = report["persistence"]["persona"]
-    assert set(persona) == {"base", "baseline", "trait"}
-    assert all({"none", "harmful", "helpful"} <= set(p) for p in persona.values())
-    assert {"degradation_diff", "gain_diff"} <= set(report["persistence"]["selective_persistence"])
-    finetune = report["persistence"]["finetune"]
-    assert set(finetune) == {"base", "baseline", "trait"}
+    persistence = report["persistence"]
+    attacked = {"base", "baseline", "trait", "trait_shuffled"} & set(MODELS)  # every attacked arm the run trained
+    persona = persistence["persona"]
+    assert set(persona) == attacked
+    for p in persona.values():
+        assert {"none", "harmful", "helpful", "groups"} <= set(p)
+        assert set(p["groups"]) == {"trained", "heldout", "unreadable"}
+        assert all({"harmful", "helpful"} <= set(g) for g in p["groups"].values())
+    assert {"degradation_diff", "gain_diff"} <= set(persistence["selective_persistence"])
+    assert persistence["selective_persistence"]["group"] == "heldout"
+    assert {"trait - baseline", "trait - base"} <= set(persistence["persona_vs"])
+    finetune = persistence["finetune"]
+    assert set(finetune) == attacked
     for curve in finetune.values():
         assert len(curve["steps"]) >= 4 and curve["steps"][0] == 0
         assert len(curve["health"]) == len(curve["non_health"]) == len(curve["steps"])
+    (lr, dose), = persistence["dose"].items()  # the default: one learning rate
+    assert float(lr) == report["config"]["attack"]["finetune_lr"] and set(dose) == attacked
+    for d in dose.values():
+        assert d["steps"] == finetune["trait"]["steps"] == [0, 1, 2, 4, 8]  # log-spaced (the smoke preset's 8 steps)
+        for key in ("health", "non_health", "control_non_health"):
+            assert len(d[key]) == len(d["steps"])
+        assert set(d["half_dose"]) == {"health", "non_health"}
+    assert persistence["dose_evals"]["left_out"] == ["trait_heldout"]  # it holds honesty items: the attack trains them
 
 
 def test_public_evals_reach_the_report(smoke):
