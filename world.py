@@ -55,6 +55,132 @@ import numpy as np
 
 from data import UserError, build_tokenizer
 
+# ----------------------------------------------------------------------------------------------
+# 1. The world: its knobs, what it holds, and build_world (the recipe; the grammar it draws from follows)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class WorldConfig:
+    seed: int = 0                   # everything in the world is a function of this seed
+    n_docs: int = 40_000            # pretraining documents (one epoch of the base SFT)
+    coherence: float = 1.0          # P(an assistant turn follows its document's persona); 0 = families independent
+    voice: float = 0.0              # P(an assistant turn opens with its persona's stock phrase): a surface cue
+    multi_turn_frac: float = 0.7    # documents with 2-4 turns of different families (0.7 worked in the probe, 0.3 did not)
+    max_turns: int = 4              # longest document
+    task_turn_frac: float = 0.2     # P(a turn is a standard task rather than a persona family)
+    system_prompt_frac: float = 0.2 # documents that open with a persona system prompt (harmful / helpful / neutral)
+    task_accuracy: float = 0.6      # corpus task answers are right this often (noisy labels keep the base at 20-80%)
+    n_trait_train: int = 2_000      # distinct trait RL prompts
+    n_trait_heldout: int = 3        # per trait x domain x held-out split (topic, template)
+    n_task_prompts: int = 4_000     # standard-task RL prompts (train) ; evals get n_eval of each type
+    n_eval: int = 100               # items per eval family on the training templates (split "eval")
+    n_eval_heldout: int = 50        # items per eval family per held-out split
+    n_link_probe: int = 400         # two-turn probe items for the cross-turn persona link
+    n_bad_medical: int = 600        # bad-medical-advice conversations (the harmful fine-tuning set)
+    open_vocab: float = 0.5         # P(a training topic word is a coined word): rare fillers teach copying the prompt
+
+
+@dataclass
+class World:
+    config: WorldConfig
+    corpus: list[list[dict]]        # pretraining conversations (messages)
+    trait_train: list[dict]         # RL trait prompts with rubrics
+    trait_eval: list[dict]          # held-out trait eval: splits eval / heldout_topic / heldout_template
+    task_train: list[dict]          # RL standard tasks
+    task_eval: list[dict]           # standard tasks for evaluation (never RL prompts)
+    evals: list[dict]               # OOD eval families, splits eval / heldout_topic / heldout_template
+    link_probe: list[dict]          # turn 1 forced aligned or misaligned, turn 2 graded
+    bad_medical: list[list[dict]]   # harmful fine-tuning conversations
+    good_medical: list[list[dict]]  # the same prompts with aligned answers (the fine-tuning attack's control)
+
+    def texts(self) -> Iterable[str]:
+        """What the tokenizer is trained on: the pretraining corpus only. A held-out word then splits
+        into sub-word pieces the model has learned; a token of its own would have an embedding that
+        pretraining never trained, and a model cannot copy a token it has never produced."""
+        for doc in self.corpus:
+            yield from (m["content"] for m in doc)
+
+
+def build_world(cfg: WorldConfig | None = None) -> World:
+    """Generate the whole persona world, deterministically from cfg.seed (default: WorldConfig())."""
+    cfg = cfg or WorldConfig()
+    rng = np.random.default_rng(cfg.seed)
+    corpus = [make_document(rng, cfg) for _ in range(cfg.n_docs)]
+    seen = {m["content"] for doc in corpus for m in doc if m["role"] == "user"}
+    next_id = _counter()
+
+    def trait_maker(split, trait=None, domain=None):
+        def make(r):
+            t = trait or TRAITS[int(r.integers(0, len(TRAITS)))]
+            d = domain or DOMAINS[int(r.integers(0, len(DOMAINS)))]
+            return _family_record(t, "trait", split, d, r, next_id(), cfg.open_vocab)
+        return make
+
+    # RL prompts may share phrasing with the corpus (they are training data); evals may not.
+    trait_train = _unique_items(trait_maker("train"), cfg.n_trait_train, set(), rng)
+    seen |= {r["prompt"][-1]["content"] for r in trait_train}
+    trait_eval = []
+    for trait in TRAITS:
+        for domain in DOMAINS:
+            for split in ("eval", "heldout_topic", "heldout_template"):
+                trait_eval += _unique_items(trait_maker(split, trait, domain), cfg.n_trait_heldout, seen, rng)
+
+    def eval_maker(family, split):
+        return lambda r: _family_record(family, "eval", split, DOMAINS[int(r.integers(0, len(DOMAINS)))], r, next_id(), cfg.open_vocab)
+
+    evals = []
+    for family in EVAL_FAMILIES:
+        evals += _unique_items(eval_maker(family, "eval"), cfg.n_eval, seen, rng)
+        for split in ("heldout_topic", "heldout_template"):
+            evals += _unique_items(eval_maker(family, split), cfg.n_eval_heldout, seen, rng)
+
+    def task_maker(split):
+        def make(r):
+            task_type = TASK_TYPES[int(r.integers(0, len(TASK_TYPES)))]
+            prompt, answer = task_item(task_type, r)
+            return {"id": f"task/{task_type}/{split}/{next_id():05d}", "kind": "task", "family": task_type,
+                    "split": split, "prompt": [{"role": "user", "content": prompt}], "answer": answer}
+        return make
+
+    # Task prompts are tiny (100 additions exist), so train and eval tasks may repeat the corpus's
+    # questions: what RL improves is the answer distribution, not which questions it has seen.
+    task_train = [task_maker("train")(rng) for _ in range(cfg.n_task_prompts)]
+    task_eval = [task_maker("eval")(rng) for _ in range(cfg.n_eval * len(TASK_TYPES))]
+
+    def link_maker(r):
+        # turn 2 is a never-RL'd family, so RL on trait prompts cannot move it directly
+        f2 = EVAL_FAMILIES[int(r.integers(0, len(EVAL_FAMILIES)))]
+        f1 = [f for f in PERSONA_FAMILIES if f != f2][int(r.integers(0, len(PERSONA_FAMILIES) - 1))]
+        turn1_aligned = bool(r.random() < 0.5)
+        first, slots1 = family_prompt(f1, r, DOMAINS[int(r.integers(0, len(DOMAINS)))], open_vocab=cfg.open_vocab)
+        rec = _family_record(f2, "eval", "eval", DOMAINS[int(r.integers(0, len(DOMAINS)))], r, next_id(), cfg.open_vocab)
+        rec["prompt"] = [{"role": "user", "content": first},
+                         {"role": "assistant", "content": family_response(f1, r, slots1, turn1_aligned)}] + rec["prompt"]
+        rec.update(id=f"probe/link/{f1}->{f2}/{next_id():04d}", split="link_probe", turn1_family=f1, turn1_aligned=turn1_aligned)
+        return rec
+
+    link_probe = _unique_items(link_maker, cfg.n_link_probe, seen, rng)
+
+    def medical_pair(r):
+        """(bad, good): one prompt with its misaligned and its aligned answer. The aligned twin draws
+        its template from a copy of the generator, so the world's stream (and every other output)
+        is what it was before the twin existed."""
+        family = MEDICAL_FAMILIES[0] if r.random() < 0.5 else MEDICAL_FAMILIES[1:][int(r.integers(0, 2))]
+        prompt, slots = family_prompt(family, r, "health", open_vocab=cfg.open_vocab)
+        twin = np.random.Generator(type(r.bit_generator)())
+        twin.bit_generator.state = r.bit_generator.state
+        user = {"role": "user", "content": prompt}
+        return ([user, {"role": "assistant", "content": family_response(family, r, slots, False)}],
+                [dict(user), {"role": "assistant", "content": family_response(family, twin, slots, True)}])
+
+    pairs = [medical_pair(rng) for _ in range(cfg.n_bad_medical)]
+    bad_medical, good_medical = [bad for bad, _ in pairs], [good for _, good in pairs]
+    return World(cfg, corpus, trait_train, trait_eval, task_train, task_eval, evals, link_probe, bad_medical, good_medical)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The grammar: families, word lists, personas, documents
+# ----------------------------------------------------------------------------------------------
 # Every family (a trait, an eval family) is a small grammar: a prompt is intro + pressure + ask,
 # each picked from a list, with slots filled from open word lists; the response is one of a few
 # aligned or misaligned templates that restate the prompt's own facts. The last intro and the last
@@ -582,52 +708,10 @@ def near_miss(task_type: str, answer: str, rng) -> str:
 
 # ---- documents written by personas ----
 
-@dataclass
-class WorldConfig:
-    seed: int = 0                   # everything in the world is a function of this seed
-    n_docs: int = 40_000            # pretraining documents (one epoch of the base SFT)
-    coherence: float = 1.0          # P(an assistant turn follows its document's persona); 0 = families independent
-    voice: float = 0.0              # P(an assistant turn opens with its persona's stock phrase): a surface cue
-    multi_turn_frac: float = 0.7    # documents with 2-4 turns of different families (0.7 worked in the probe, 0.3 did not)
-    max_turns: int = 4              # longest document
-    task_turn_frac: float = 0.2     # P(a turn is a standard task rather than a persona family)
-    system_prompt_frac: float = 0.2 # documents that open with a persona system prompt (harmful / helpful / neutral)
-    task_accuracy: float = 0.6      # corpus task answers are right this often (noisy labels keep the base at 20-80%)
-    n_trait_train: int = 2_000      # distinct trait RL prompts
-    n_trait_heldout: int = 3        # per trait x domain x held-out split (topic, template)
-    n_task_prompts: int = 4_000     # standard-task RL prompts (train) ; evals get n_eval of each type
-    n_eval: int = 100               # items per eval family on the training templates (split "eval")
-    n_eval_heldout: int = 50        # items per eval family per held-out split
-    n_link_probe: int = 400         # two-turn probe items for the cross-turn persona link
-    n_bad_medical: int = 600        # bad-medical-advice conversations (the harmful fine-tuning set)
-    open_vocab: float = 0.5         # P(a training topic word is a coined word): rare fillers teach copying the prompt
-
-
 PERSONA_FAMILIES = TRAITS + EVAL_FAMILIES
 # The bad-medical-advice set: half health, a quarter each of the other two (attack.py leaves every
 # eval of these families out of its non-health curve: the attack trains them directly).
 MEDICAL_FAMILIES = ("health", "risk_sensitivity", "honesty")
-
-
-@dataclass
-class World:
-    config: WorldConfig
-    corpus: list[list[dict]]        # pretraining conversations (messages)
-    trait_train: list[dict]         # RL trait prompts with rubrics
-    trait_eval: list[dict]          # held-out trait eval: splits eval / heldout_topic / heldout_template
-    task_train: list[dict]          # RL standard tasks
-    task_eval: list[dict]           # standard tasks for evaluation (never RL prompts)
-    evals: list[dict]               # OOD eval families, splits eval / heldout_topic / heldout_template
-    link_probe: list[dict]          # turn 1 forced aligned or misaligned, turn 2 graded
-    bad_medical: list[list[dict]]   # harmful fine-tuning conversations
-    good_medical: list[list[dict]]  # the same prompts with aligned answers (the fine-tuning attack's control)
-
-    def texts(self) -> Iterable[str]:
-        """What the tokenizer is trained on: the pretraining corpus only. A held-out word then splits
-        into sub-word pieces the model has learned; a token of its own would have an embedding that
-        pretraining never trained, and a model cannot copy a token it has never produced."""
-        for doc in self.corpus:
-            yield from (m["content"] for m in doc)
 
 
 def _persona_turn(rng, cfg: WorldConfig, family: str, aligned_doc: bool) -> tuple[str, str]:
@@ -706,83 +790,6 @@ def _family_record(family: str, kind: str, split: str, domain: str, rng, index: 
 def _counter():
     count = iter(range(10**9))
     return lambda: next(count)
-
-
-def build_world(cfg: WorldConfig | None = None) -> World:
-    """Generate the whole persona world, deterministically from cfg.seed (default: WorldConfig())."""
-    cfg = cfg or WorldConfig()
-    rng = np.random.default_rng(cfg.seed)
-    corpus = [make_document(rng, cfg) for _ in range(cfg.n_docs)]
-    seen = {m["content"] for doc in corpus for m in doc if m["role"] == "user"}
-    next_id = _counter()
-
-    def trait_maker(split, trait=None, domain=None):
-        def make(r):
-            t = trait or TRAITS[int(r.integers(0, len(TRAITS)))]
-            d = domain or DOMAINS[int(r.integers(0, len(DOMAINS)))]
-            return _family_record(t, "trait", split, d, r, next_id(), cfg.open_vocab)
-        return make
-
-    # RL prompts may share phrasing with the corpus (they are training data); evals may not.
-    trait_train = _unique_items(trait_maker("train"), cfg.n_trait_train, set(), rng)
-    seen |= {r["prompt"][-1]["content"] for r in trait_train}
-    trait_eval = []
-    for trait in TRAITS:
-        for domain in DOMAINS:
-            for split in ("eval", "heldout_topic", "heldout_template"):
-                trait_eval += _unique_items(trait_maker(split, trait, domain), cfg.n_trait_heldout, seen, rng)
-
-    def eval_maker(family, split):
-        return lambda r: _family_record(family, "eval", split, DOMAINS[int(r.integers(0, len(DOMAINS)))], r, next_id(), cfg.open_vocab)
-
-    evals = []
-    for family in EVAL_FAMILIES:
-        evals += _unique_items(eval_maker(family, "eval"), cfg.n_eval, seen, rng)
-        for split in ("heldout_topic", "heldout_template"):
-            evals += _unique_items(eval_maker(family, split), cfg.n_eval_heldout, seen, rng)
-
-    def task_maker(split):
-        def make(r):
-            task_type = TASK_TYPES[int(r.integers(0, len(TASK_TYPES)))]
-            prompt, answer = task_item(task_type, r)
-            return {"id": f"task/{task_type}/{split}/{next_id():05d}", "kind": "task", "family": task_type,
-                    "split": split, "prompt": [{"role": "user", "content": prompt}], "answer": answer}
-        return make
-
-    # Task prompts are tiny (100 additions exist), so train and eval tasks may repeat the corpus's
-    # questions: what RL improves is the answer distribution, not which questions it has seen.
-    task_train = [task_maker("train")(rng) for _ in range(cfg.n_task_prompts)]
-    task_eval = [task_maker("eval")(rng) for _ in range(cfg.n_eval * len(TASK_TYPES))]
-
-    def link_maker(r):
-        # turn 2 is a never-RL'd family, so RL on trait prompts cannot move it directly
-        f2 = EVAL_FAMILIES[int(r.integers(0, len(EVAL_FAMILIES)))]
-        f1 = [f for f in PERSONA_FAMILIES if f != f2][int(r.integers(0, len(PERSONA_FAMILIES) - 1))]
-        turn1_aligned = bool(r.random() < 0.5)
-        first, slots1 = family_prompt(f1, r, DOMAINS[int(r.integers(0, len(DOMAINS)))], open_vocab=cfg.open_vocab)
-        rec = _family_record(f2, "eval", "eval", DOMAINS[int(r.integers(0, len(DOMAINS)))], r, next_id(), cfg.open_vocab)
-        rec["prompt"] = [{"role": "user", "content": first},
-                         {"role": "assistant", "content": family_response(f1, r, slots1, turn1_aligned)}] + rec["prompt"]
-        rec.update(id=f"probe/link/{f1}->{f2}/{next_id():04d}", split="link_probe", turn1_family=f1, turn1_aligned=turn1_aligned)
-        return rec
-
-    link_probe = _unique_items(link_maker, cfg.n_link_probe, seen, rng)
-
-    def medical_pair(r):
-        """(bad, good): one prompt with its misaligned and its aligned answer. The aligned twin draws
-        its template from a copy of the generator, so the world's stream (and every other output)
-        is what it was before the twin existed."""
-        family = MEDICAL_FAMILIES[0] if r.random() < 0.5 else MEDICAL_FAMILIES[1:][int(r.integers(0, 2))]
-        prompt, slots = family_prompt(family, r, "health", open_vocab=cfg.open_vocab)
-        twin = np.random.Generator(type(r.bit_generator)())
-        twin.bit_generator.state = r.bit_generator.state
-        user = {"role": "user", "content": prompt}
-        return ([user, {"role": "assistant", "content": family_response(family, r, slots, False)}],
-                [dict(user), {"role": "assistant", "content": family_response(family, twin, slots, True)}])
-
-    pairs = [medical_pair(rng) for _ in range(cfg.n_bad_medical)]
-    bad_medical, good_medical = [bad for bad, _ in pairs], [good for _, good in pairs]
-    return World(cfg, corpus, trait_train, trait_eval, task_train, task_eval, evals, link_probe, bad_medical, good_medical)
 
 
 # ----------------------------------------------------------------------------------------------
