@@ -162,7 +162,7 @@ def _family(name: str, split: str = "eval"):
     return lambda r: r["family"] == name and r["split"] == split
 
 
-HELDOUT_SPLITS = ("heldout_topic", "heldout_template")
+HELDOUT_SPLITS = ("heldout_topic", "heldout_template", "heldout")  # the world's two; "heldout": user data (scenarios/)
 EVALS: dict[str, EvalSpec] = {
     "trait_heldout": EvalSpec("trait_eval", lambda r: r["split"] in HELDOUT_SPLITS, "trait"),
     **{f: EvalSpec("evals", _family(f), "ood", health=f in ("health", "mental_health")) for f in EVAL_FAMILIES},

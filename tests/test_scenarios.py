@@ -122,3 +122,14 @@ def test_heldout_split_is_what_the_file_says(traits):
     heldout = [r for r in traits if r.get("split", "train") != "train"]
     assert len(train) == 98 and len(heldout) == 49
     assert len({(r["trait"], r["domain"]) for r in heldout}) == 49
+
+
+def test_heldout_trait_records_are_the_heldout_trait_eval(traits):
+    """A --trait-data file's "heldout" records are what the trait_heldout eval scores (not nothing)."""
+    import types
+
+    import evaluate
+
+    source = types.SimpleNamespace(trait_eval=[r for r in traits if r["split"] != "train"])
+    suite = evaluate.build_suite(source, ["trait_heldout"])
+    assert len(suite["trait_heldout"]) == 49 and all(r["split"] == "heldout" for r in suite["trait_heldout"])
