@@ -21,8 +21,10 @@ LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, loss_type, max_new_tokens, num_tokens):
-    """The formula token by token, in float64 Python arithmetic on autograd scalars."""
+def reference_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, loss_type, max_new_tokens, num_tokens,
+                   weight=lambda i, t: 1.0):
+    """The formula token by token, in float64 Python arithmetic on autograd scalars. weight(i, t):
+    the importance weight on token t of row i's surrogate (test_mismatch; the KL is never weighted)."""
     N, T = logp.shape
     per_seq, total = [], 0.0
     for i in range(N):
@@ -33,7 +35,7 @@ def reference_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, loss_type
             ratio = torch.exp(logp[i, t] - old[i, t])
             surr = torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[i])
             d = torch.clamp(ref[i, t] - logp[i, t], -20, 20)
-            seq = seq + (-(surr - beta * (torch.exp(d) - d - 1)))
+            seq = seq + (-(weight(i, t) * surr - beta * (torch.exp(d) - d - 1)))
         per_seq.append(seq / max(float(mask[i].sum()), 1.0))
         total = total + seq
     if loss_type == "dapo":

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_grpo import reference_loss
 
 import grpo
 import policy
@@ -80,25 +81,13 @@ def reference_tis_loss(logp, old, sampler, ref, adv, mask, level, cap, eps_low, 
     """The formula token by token in float64 Python arithmetic on autograd scalars: the truncated
     weight min(pi_trainer_old / pi_sampler, cap) (per token, or of the whole sequence) multiplies the
     clipped surrogate; the k3 KL penalty is not weighted."""
-    N, T = logp.shape
-    per_seq, total = [], 0.0
-    for i in range(N):
-        tokens = [t for t in range(T) if mask[i, t] != 0]
-        seq_w = min(math.exp(sum(float(old[i, t] - sampler[i, t]) for t in tokens)), cap)
-        seq = 0.0
-        for t in tokens:
-            w = seq_w if level == "sequence" else min(math.exp(float(old[i, t] - sampler[i, t])), cap)
-            ratio = torch.exp(logp[i, t] - old[i, t])
-            surr = torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[i])
-            d = torch.clamp(ref[i, t] - logp[i, t], -20, 20)
-            seq = seq + (-(w * surr - beta * (torch.exp(d) - d - 1)))
-        per_seq.append(seq / max(len(tokens), 1))
-        total = total + seq
-    if loss_type == "dapo":
-        return total / num_tokens
-    if loss_type == "grpo":
-        return sum(per_seq) / N
-    return total / (N * max_new_tokens)
+    def weight(i, t):
+        log_w = (float(old[i, t] - sampler[i, t]) if level == "token" else
+                 sum(float(old[i, s] - sampler[i, s]) for s in range(logp.shape[1]) if mask[i, s] != 0))
+        return min(math.exp(log_w), cap)
+
+    return reference_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, loss_type, max_new_tokens, num_tokens,
+                          weight=weight)
 
 
 def mismatched_batch(seed, N=6, T=7):
