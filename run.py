@@ -67,6 +67,8 @@ class RunConfig:
     out_dir: str = "out"            # where every stage writes
     stage: str = "report"           # last stage to run: world | base | rl | eval | persistence | report
     seeds: int = 1                  # repeat the RL arms with this many seeds (CIs then cover seeds too)
+    draw: int = 0                   # independent draw: offsets the seeds of model init, SFT order, RL and fine-tuning order (same world)
+    draws: int = 1                  # > 1: run draws draw, draw + 1, ... (each cached like a run) and pool them: CIs over draws and items
     arms: str = "baseline,trait,trait_shuffled,trait_no_health_science,trait_health_only"  # RL arms to train
     trait_fraction: float = 0.05    # share of RL prompts that are trait scenarios in the trait arms (the study: ~5%)
     model: str = ""                 # HF name, local folder or GGUF file of the policy; empty = pretrain the tiny model
@@ -208,6 +210,7 @@ def public_eval_specs(r: RunConfig) -> list[tuple[str, str]]:
 
 
 STAGES = ("world", "base", "rl", "eval", "persistence", "report")
+RESULTS_FORMAT = 2  # part of the eval and persistence cache keys: bumped when their results gain fields (2: per-item probes)
 
 
 def config_hash(*parts) -> str:
@@ -450,7 +453,8 @@ def stage_eval(c: dict, run_dir: str, world: World, models: dict[str, list[str]]
     forced = evaluate.forced_prefix_items(world, c["run"].probe_items)
     # the items themselves (with their graders) and the judge: --judge grades rubric items by the LLM
     public = public_eval_specs(c["run"])
-    key = config_hash(c["eval"], suite, probe, forced, c["run"].judge, [(f, p, file_digest(p)) for f, p in public])
+    key = config_hash(c["eval"], suite, probe, forced, c["run"].judge, [(f, p, file_digest(p)) for f, p in public],
+                      RESULTS_FORMAT)
     if c["run"].judge:
         log(f"[eval] rubric items graded by the LLM judge {c['run'].judge}")
     results = {}
@@ -484,7 +488,7 @@ def stage_persistence(c: dict, run_dir: str, world: World, models: dict[str, lis
     base, baseline, trait and trait_shuffled, whichever were trained (first seed)."""
     targets = attack.attacked_models({name: dirs[0] for name, dirs in models.items()})
     suite = evaluate.build_suite(world, max_items=c["run"].eval_max_items or None)
-    key = config_hash(targets, c["eval"], c["attack"], suite, world.bad_medical, world.good_medical)
+    key = config_hash(targets, c["eval"], c["attack"], suite, world.bad_medical, world.good_medical, RESULTS_FORMAT)
     cache = os.path.join(run_dir, f"persistence-{key}.json")
     if os.path.isfile(cache):
         with open(cache) as f:
@@ -540,7 +544,7 @@ def build_report(c: dict, results: dict, arms: dict[str, list[str]], persistence
                 for g, s in zip(res[key], res["score"]):
                     groups.setdefault(g, []).append(s)
                 report["breakdown"].setdefault(key, {})[m] = {g: float(np.mean(v)) for g, v in sorted(groups.items())}
-        report["probes"][m] = {"link": results[m][0]["link"], "forced_prefix": results[m][0]["forced_prefix"]}
+        report["probes"][m] = {k: without_items(results[m][0][k]) for k in ("link", "forced_prefix")}
     for arm, dirs in arms.items():
         done = []
         for d in dirs:
@@ -564,8 +568,87 @@ def build_report(c: dict, results: dict, arms: dict[str, list[str]], persistence
                 "vs_baseline": {arm: evaluate.paired_delta(per_seed[arm], per_seed["baseline"])
                                 for arm in arms if arm != "baseline" and "baseline" in per_seed}}
     if persistence:
-        report["persistence"] = persistence
+        report["persistence"] = without_items(persistence)
     return report
+
+
+def without_items(result: dict) -> dict:
+    """A stage result without its per-item arrays (kept in the stage caches for pooling draws)."""
+    return {k: v for k, v in result.items() if k != "items"}
+
+
+def pool_reports(outs: list[dict], reports: list[dict], configs: list[dict]) -> dict:
+    """One report over independent draws, with the single-draw keys: every score and delta is the
+    mean over draws (each draw's seeds averaged per item first) with a crossed bootstrap CI over
+    draws and items (evaluate.draws_difference); "k of N" pooled and per draw; the probes and the
+    persistence headline pooled the same way (attack.pool_draws); "per_draw" keeps each draw's own."""
+    first = reports[0]
+    models = list(first["evals"][next(iter(first["evals"]))])
+    per = lambda m, n, key="score": np.array([np.mean(per_item(o["results"], m, n, key), axis=0) for o in outs])  # (draws, items)
+    report = {"config": first["config"], "draws": draws_info(configs), "evals": {}, "parsed": {}, "comparisons": {},
+              "summary": {}, "comparisons_vs_base": {}, "summary_vs_base": {}, "breakdown": first["breakdown"],
+              "probes": {}, "training": first["training"],
+              "timing": {**{f"draw{cd['run'].draw}_{k}": v for r, cd in zip(reports, configs) for k, v in r["timing"].items()},
+                         "total_s": sum(r["timing"]["total_s"] for r in reports)}}
+    for n in first["evals"]:
+        report["evals"][n] = {}
+        for m in models:
+            d = evaluate.draws_difference(per(m, n))
+            parsed, aligned = per(m, n, "parsed").mean(), per(m, n, "aligned").mean()
+            report["evals"][n][m] = {"score": d["delta"], "ci": d["ci"], "n": per(m, n).shape[1], "per_draw": d["per_draw"],
+                                     "aligned": float(aligned), "misaligned": float(parsed - aligned), "unparsed": float(1 - parsed)}
+        report["parsed"][n] = {m: float(per(m, n, "parsed").mean()) for m in models}
+    is_ood = lambda n: evaluate.EVALS.get(n) is not None and evaluate.EVALS[n].group == "ood"
+    for control, comps, summary in (("baseline", "comparisons", "summary"), ("base", "comparisons_vs_base", "summary_vs_base")):
+        for arm in first[comps]:
+            report[comps][arm] = {n: evaluate.draws_difference(per(arm, n) - per(control, n)) for n in first["evals"]}
+            report[summary][arm] = {
+                "ood": evaluate.count_improved({n: d for n, d in report[comps][arm].items() if is_ood(n)}),
+                "all": evaluate.count_improved(report[comps][arm]),
+                "per_draw": [r[summary][arm]["ood"] for r in reports]}  # each draw's own "k of N" (CIs over its items)
+    for m in models:
+        link = [o["results"][m][0]["link"]["items"] for o in outs]
+        forced = [o["results"][m][0]["forced_prefix"]["items"] for o in outs]
+        after = np.array(link[0]["first_aligned"], dtype=bool)  # the same probe items in every draw
+        rate = {(key, cond): np.array([np.asarray(x[key])[sel] for x in link])
+                for key in ("aligned", "misaligned") for cond, sel in (("aligned", after), ("misaligned", ~after))}
+        side = {(s, key): np.array([x[s][key] for x in forced]) for s in ("aligned", "misaligned") for key in ("aligned", "misaligned")}
+        lk = evaluate.draws_difference(rate["aligned", "aligned"], rate["aligned", "misaligned"])
+        report["probes"][m] = {
+            "link": {"link": lk["delta"], "ci": lk["ci"], "per_draw": lk["per_draw"], "n": len(after),
+                     "link_misaligned": evaluate.draws_difference(rate["misaligned", "misaligned"], rate["misaligned", "aligned"]),
+                     **{f"after_{cond}": rates_of(rate["aligned", cond], rate["misaligned", cond]) for cond in ("aligned", "misaligned")}},
+            "forced_prefix": {**{f"forced_{s}": {"score": float(side[s, "aligned"].mean()),
+                                                 **rates_of(side[s, "aligned"], side[s, "misaligned"])} for s in ("aligned", "misaligned")},
+                              "gap": evaluate.draws_difference(side["aligned", "aligned"] - side["misaligned", "aligned"])}}
+    comp = [r["compute"] for r in reports]
+    report["compute"] = {arm: {**comp[0][arm], **{k: float(np.mean([c[arm][k] for c in comp]))
+                                                  for k in ("tokens", "flops", "sampled_tokens", "tokens_vs_trait") if k in comp[0][arm]},
+                               "per_draw_tokens": [c[arm]["tokens"] for c in comp]} for arm in comp[0]}
+    if "public_evals" in first:
+        report["public_evals"] = {}
+        for label in first["public_evals"]:
+            pub = {m: np.array([np.mean([[it["score"] for it in r["public"][label]["items"]] for r in o["results"][m]], axis=0)
+                                for o in outs]) for m in models}
+            scores = {m: evaluate.draws_difference(pub[m]) for m in models}
+            report["public_evals"][label] = {
+                "models": {m: {"score": d["delta"], "ci": d["ci"], "per_draw": d["per_draw"]} for m, d in scores.items()},
+                "vs_baseline": {arm: evaluate.draws_difference(pub[arm] - pub["baseline"])
+                                for arm in first["public_evals"][label]["vs_baseline"]}}
+    if all(o["persistence"] for o in outs):
+        report["persistence"] = without_items(attack.pool_draws([o["persistence"] for o in outs], configs[0]["attack"]))
+    report["per_draw"] = [{"draw": cd["run"].draw, "summary": r["summary"], "summary_vs_base": r["summary_vs_base"],
+                           "comparisons": r["comparisons"], "probes": r["probes"],
+                           "persistence": ({k: r["persistence"][k] for k in ("selective_persistence", "dose_vs")}
+                                           if "persistence" in r else None)}
+                          for r, cd in zip(reports, configs)]
+    return report
+
+
+def rates_of(aligned: np.ndarray, misaligned: np.ndarray) -> dict:
+    """The aligned / misaligned / unparsed shares from per-item aligned and misaligned rates."""
+    return {"aligned": float(aligned.mean()), "misaligned": float(misaligned.mean()),
+            "unparsed": float(1 - aligned.mean() - misaligned.mean())}
 
 
 def fmt_ci(d: dict, key: str = "score") -> str:
@@ -596,6 +679,8 @@ def write_report(report: dict, run_dir: str) -> None:
             o = s["ood"]
             md.append(f"- **{arm}** beats {control} on {o['improved']} of {o['n']} never-RL'd evals (sign test p = "
                       f"{o['sign_p']:.3f}), {o['significant']} significantly ({o['significantly_worse']} significantly worse).")
+    if "per_draw" in report:
+        md += draws_section(report)
     models = list(next(iter(report["evals"].values())))
     md += ["", "## Aligned / misaligned / unparsed rates", "", "| eval | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     for name, per_model in report["evals"].items():
@@ -645,6 +730,27 @@ def write_report(report: dict, run_dir: str) -> None:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(run_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
+
+
+def draws_section(report: dict) -> list[str]:
+    """report.md's view of a pooled report: what the draws were, and each draw's own numbers."""
+    dr = report["draws"]
+    md = ["", f"## {dr['n']} independent draws", "",
+          f"Base init seeds {dr['base_seeds']}, SFT data orders {dr['sft_seeds']}, RL seeds {dr['rl_seeds']}, fine-tuning "
+          f"orders {dr['finetune_seeds']}; the world is the same. CIs: {dr['ci']}. Per draw, never-RL'd evals improved "
+          "(significantly, over that draw's items):", ""]
+    for arm, s in report["summary"].items():
+        md.append(f"- {arm} vs baseline: " + ", ".join(f"draw {p['draw']}: {o['improved']} of {o['n']} ({o['significant']})"
+                                                     for p, o in zip(report["per_draw"], s["per_draw"])))
+    arms = [a for a in ("trait", "trait_shuffled") if a in report["comparisons"]]
+    md += ["", "| eval | " + " | ".join(f"{a} - baseline, draw {p['draw']}" for a in arms for p in report["per_draw"]) + " |",
+           "|---" * (1 + len(arms) * len(report["per_draw"])) + "|"]
+    for name in report["evals"]:
+        md.append(f"| {name} | " + " | ".join(fmt_ci(p["comparisons"][a][name], "delta") for a in arms for p in report["per_draw"]) + " |")
+    md += ["", "| draw | " + " | ".join(f"{m} link" for m in report["probes"]) + " |", "|---" * (1 + len(report["probes"])) + "|"]
+    for p in report["per_draw"]:
+        md.append(f"| {p['draw']} | " + " | ".join(fmt_ci(p["probes"][m]["link"], "link") for m in report["probes"]) + " |")
+    return md
 
 
 def make_figures(report: dict, fig_dir: str) -> list[str]:
@@ -747,12 +853,25 @@ def _save(fig, fig_dir: str, name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def run(c: dict, report_dir: str | None = None) -> dict | None:
-    """The recipe up to c["run"].stage. Stage caches live in out_dir/name/ (a sweep's points share
-    them: a point equal to an earlier run reuses its models); the report goes to `report_dir`."""
-    run_dir = os.path.join(c["run"].out_dir, c["run"].name)
-    report_dir = report_dir or run_dir
-    os.makedirs(run_dir, exist_ok=True)
+def with_draw(c: dict, draw: int) -> dict:
+    """The configs of independent draw `draw`: the seeds of the base's init (model.seed) and data
+    order (sft.seed), the RL arms (grpo.seed) and the fine-tuning attack's order (attack.seed) offset
+    by it. The world - corpus, RL prompts, eval items - is the same in every draw."""
+    return {**c, "run": dataclasses.replace(c["run"], draw=draw, draws=1),
+            **{k: dataclasses.replace(c[k], seed=c[k].seed + draw) for k in ("model", "sft", "grpo", "attack")}}
+
+
+def draws_info(configs: list[dict]) -> dict:
+    """report.json's "draws": what the CIs cover."""
+    return {"n": len(configs), "base_seeds": [d["model"].seed for d in configs], "sft_seeds": [d["sft"].seed for d in configs],
+            "rl_seeds": [[d["grpo"].seed + s for s in range(d["run"].seeds)] for d in configs],
+            "finetune_seeds": [d["attack"].seed for d in configs],
+            "ci": "items (and RL seeds)" if len(configs) == 1 else
+                  "crossed bootstrap over draws and items (evaluate.draws_difference; attack.dose_statistics for the dose curves)"}
+
+
+def run_stages(c: dict, run_dir: str) -> dict | None:
+    """The recipe up to c["run"].stage for one draw; None when it stops before the evals."""
     last = STAGES.index(c["run"].stage)
     timing, t_all = {}, time.time()
     c = local_models(c, run_dir)
@@ -779,8 +898,33 @@ def run(c: dict, report_dir: str | None = None) -> dict | None:
     if last >= STAGES.index("persistence"):
         persistence = timed("persistence", stage_persistence, c, run_dir, world, models)
     timing["total_s"] = time.time() - t_all
-    report = build_report(c, results, arms, persistence, timing)
+    return {"c": c, "results": results, "arms": arms, "persistence": persistence, "timing": timing}
+
+
+def run(c: dict, report_dir: str | None = None) -> dict | None:
+    """The recipe up to c["run"].stage: one draw (c["run"].draw), or with c["run"].draws > 1 every
+    draw and the pooled report. Stage caches live in out_dir/name/ (a sweep's points and the draws
+    share them: a point equal to an earlier run reuses its models); the report goes to `report_dir`."""
+    run_dir = os.path.join(c["run"].out_dir, c["run"].name)
+    report_dir = report_dir or run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    configs = [with_draw(c, c["run"].draw + d) for d in range(c["run"].draws)]
+    outs = []
+    for d, cd in enumerate(configs):
+        if len(configs) > 1:
+            log(f"[draws] draw {cd['run'].draw} ({d + 1} of {len(configs)})")
+        outs.append(run_stages(cd, run_dir))
+        if outs[-1] is None:
+            return None
+    reports = [build_report(o["c"], o["results"], o["arms"], o["persistence"], o["timing"]) for o in outs]
+    for report, cd in zip(reports, configs):
+        report["draws"] = draws_info([cd])
+    report = reports[0] if len(outs) == 1 else pool_reports(outs, reports, configs)
     if is_main():
+        if len(outs) > 1:  # every draw's own report beside the pooled one
+            for r, cd in zip(reports, configs):
+                os.makedirs(os.path.join(report_dir, f"draw-{cd['run'].draw}"), exist_ok=True)
+                write_report(r, os.path.join(report_dir, f"draw-{cd['run'].draw}"))
         write_report(report, report_dir)
         print(summary_table(report))
         print(f"report: {os.path.join(report_dir, 'report.md')}")
