@@ -125,8 +125,8 @@ def test_registry_has_three_groups_with_unique_names():
     assert max(len(p) for k in groups["heldout"].values() for p in k.values()) < 2 * longest_trained  # the corpus's style
 
 
-def test_heldout_switches_occur_in_neither_the_corpus_nor_the_rl_data():
-    default = build_world(WorldConfig())  # the world the default run trains on
+def test_heldout_switches_occur_in_neither_the_corpus_nor_the_rl_data(default_world):
+    default = default_world  # the world the default run trains on
     texts = [m["content"] for doc in default.corpus for m in doc]
     texts += [m["content"] for r in default.trait_train + default.task_train for m in r["prompt"]]
     system = {m["content"] for doc in default.corpus for m in doc if m["role"] == "system"}

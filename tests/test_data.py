@@ -245,8 +245,8 @@ def _all_records(w):
 
 
 @pytest.mark.slow
-def test_default_world_counts():
-    w = build_world(WorldConfig())
+def test_default_world_counts(default_world):
+    w = default_world
     assert len({r["prompt"][-1]["content"] for r in w.trait_train}) >= 1000
     heldout = [r for r in w.trait_eval if r["split"] in ("heldout_topic", "heldout_template")]
     assert len(heldout) >= 200
@@ -844,11 +844,10 @@ def test_trait_answer_slots_are_facts_of_the_prompt():
 
 
 @pytest.fixture(scope="module")
-def default_world_and_tokenizer():
+def default_world_and_tokenizer(default_world):
     """The default world and the tokenizer run.py trains on it (vocab_size 2000): lengths in tokens
     depend on both."""
-    w = build_world(WorldConfig())
-    return w, data.build_tokenizer(w.texts(), vocab_size=2000)
+    return default_world, data.build_tokenizer(default_world.texts(), vocab_size=2000)
 
 
 def test_aligned_and_misaligned_answers_have_equal_length(default_world_and_tokenizer):
