@@ -278,6 +278,13 @@ def local_models(c: dict, run_dir: str) -> dict:
     return {**c, "run": dataclasses.replace(c["run"], **resolved)}
 
 
+def corpus_config(cfg: WorldConfig) -> dict:
+    """The world config as the tokenizer, the base and (through it) every arm's cache key read it:
+    without `pressure`, which changes trait RL prompts only - a pressure sweep shares one base and one
+    baseline (the trait records are in the trait arms' keys)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "pressure"}
+
+
 def stage_world(c: dict, run_dir: str):
     """The world (regenerated: it is a pure function of its config) and its tokenizer (cached)."""
     world = build_world(c["world"])
@@ -291,9 +298,9 @@ def stage_world(c: dict, run_dir: str):
         world.task_train = data.load_gsm8k(source.removeprefix("gsm8k:")) if gsm8k else data.load_records(source)
         log(f"[world] {len(world.task_train)} task records from {source}")
     if c["run"].model:
-        return world, None, config_hash(c["world"], c["run"].model)
+        return world, None, config_hash(corpus_config(c["world"]), c["run"].model)
     # the corpus itself, not only the config: a change to the world's code must not reuse a stale base
-    key = config_hash(c["world"], c["run"].vocab_size, world.corpus)
+    key = config_hash(corpus_config(c["world"]), c["run"].vocab_size, world.corpus)
     tok_dir = os.path.join(run_dir, f"tokenizer-{key}")
     if not is_done(tok_dir):
         if is_main():
@@ -932,9 +939,13 @@ def run(c: dict, report_dir: str | None = None) -> dict | None:
 
 
 def sweep(c: dict, spec: str) -> None:
-    """`--sweep world.coherence=0,0.5,1`: the baseline and trait arms at each value (each a run of its
-    own, cached as usual), then one figure of trait - baseline on the held-out trait eval and on the
-    mean of the out-of-distribution evals, and the cross-turn link of the trait model."""
+    """`--sweep world.coherence=0,0.5,1`: the baseline, trait and (when in --arms) trait_shuffled arms
+    at each value (each a run of its own, cached as usual; --draws pools draws at every point), then
+    one figure and sweep-<field>.json: trait - baseline on the held-out trait eval and on the mean of
+    the out-of-distribution evals, the placebo's mean OOD delta, the cross-turn link. With --stage
+    persistence every point is also attacked: degradation under the held-out harmful switches and
+    steering under the held-out helpful ones (trait - baseline, trait - trait_shuffled), and the
+    fine-tuning half-dose and AUC (e.g. `--sweep world.pressure=0,0.25,0.5 --stage persistence`)."""
     key, _, values = spec.partition("=")
     section, _, name = key.partition(".")
     if section not in c or name not in {f.name for f in dataclasses.fields(c[section])} or not values:
@@ -944,31 +955,54 @@ def sweep(c: dict, spec: str) -> None:
         points = [parser_type(str(field_type))(v) for v in values.split(",")]
     except (ValueError, argparse.ArgumentTypeError) as e:
         raise data.UserError(f"--sweep {key}: {e}") from None
+    arms = ",".join(a for a in ("baseline", "trait", "trait_shuffled") if a in c["run"].arms.split(",") or a != "trait_shuffled")
+    stage = "persistence" if c["run"].stage == "persistence" else "eval"
     rows = []
     for value in points:
         point = dict(c)
         point[section] = dataclasses.replace(c[section], **{name: value})
-        point["run"] = dataclasses.replace(c["run"] if section != "run" else point["run"], arms="baseline,trait",
-                                           stage="eval")
+        point["run"] = dataclasses.replace(c["run"] if section != "run" else point["run"], arms=arms, stage=stage)
         report = run(point, report_dir=os.path.join(c["run"].out_dir, c["run"].name, f"sweep-{name}-{value}"))
-        ood = [d for n, d in report["comparisons"]["trait"].items() if evaluate.EVALS.get(n) and evaluate.EVALS[n].group == "ood"]
-        rows.append({"value": value, "trait_heldout": report["comparisons"]["trait"]["trait_heldout"],
-                     "ood_mean_delta": sum(d["delta"] for d in ood) / max(len(ood), 1),
-                     "ood_significant": report["summary"]["trait"]["ood"]["significant"],
-                     "link": report["probes"]["trait"]["link"],
-                     # the base's probes: both should read ~0 on a coherence-0 world
-                     "base_link": report["probes"]["base"]["link"], "base_forced_gap": report["probes"]["base"]["forced_prefix"]["gap"]})
+        rows.append(sweep_row(value, report))
     if is_main():
         path = os.path.join(c["run"].out_dir, c["run"].name, f"sweep-{name}.json")
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
         plot_sweep(rows, key, path.replace(".json", ".png"))
         for r in rows:
-            print(f"{key}={r['value']}: trait_heldout delta {fmt_ci(r['trait_heldout'], 'delta')} | "
-                  f"mean OOD delta {r['ood_mean_delta']:+.3f} ({r['ood_significant']} significant) | "
-                  f"link {fmt_ci(r['link'], 'link')} | base link {fmt_ci(r['base_link'], 'link')} | "
-                  f"base forced-prefix gap {fmt_ci(r['base_forced_gap'], 'delta')}")
+            line = (f"{key}={r['value']}: trait_heldout delta {fmt_ci(r['trait_heldout'], 'delta')} | "
+                    f"mean OOD delta {r['ood_mean_delta']:+.3f} ({r['ood_significant']} significant) | "
+                    f"link {fmt_ci(r['link'], 'link')} | base link {fmt_ci(r['base_link'], 'link')} | "
+                    f"base forced-prefix gap {fmt_ci(r['base_forced_gap'], 'delta')}")
+            if "placebo_ood_mean_delta" in r:
+                line += f" | placebo mean OOD delta {r['placebo_ood_mean_delta']:+.3f}"
+            if "persistence" in r:
+                line += " | " + " | ".join(f"{k} {fmt_ci(d, 'delta')}" for k, d in r["persistence"].items() if isinstance(d, dict))
+            print(line)
         print(f"sweep: {path}")
+
+
+def sweep_row(value, report: dict) -> dict:
+    """One sweep point's numbers (see `sweep`)."""
+    ood = lambda arm: [d for n, d in report["comparisons"][arm].items() if evaluate.EVALS.get(n) and evaluate.EVALS[n].group == "ood"]
+    row = {"value": value, "trait_heldout": report["comparisons"]["trait"]["trait_heldout"],
+           "ood_mean_delta": float(np.mean([d["delta"] for d in ood("trait")])),
+           "ood_significant": report["summary"]["trait"]["ood"]["significant"],
+           "link": report["probes"]["trait"]["link"],
+           # the base's probes: both should read ~0 on a coherence-0 world
+           "base_link": report["probes"]["base"]["link"], "base_forced_gap": report["probes"]["base"]["forced_prefix"]["gap"]}
+    if "trait_shuffled" in report["comparisons"]:
+        row["placebo_ood_mean_delta"] = float(np.mean([d["delta"] for d in ood("trait_shuffled")]))
+    if "persistence" in report:
+        p, group = report["persistence"], attack.HEADLINE_GROUP
+        dose = next(iter(p["dose"].values()))
+        row["persistence"] = {f"{kind} {vs}": p["persona_vs"][vs]["groups"][group][kind]
+                              for vs in p["persona_vs"] if vs in ("trait - baseline", "trait - trait_shuffled")
+                              for kind in ("degradation", "steering") if kind in p["persona_vs"][vs]["groups"][group]}
+        row["persistence"].update({f"health AUC {vs}": c["auc"]["health"] for vs, c in next(iter(p["dose_vs"].values())).items()
+                                   if vs in ("trait - baseline", "trait - trait_shuffled")})
+        row["half_dose"] = {m: r["half_dose"] for m, r in dose.items()}
+    return row
 
 
 def plot_sweep(rows: list[dict], key: str, path: str) -> None:
@@ -978,14 +1012,28 @@ def plot_sweep(rows: list[dict], key: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     x = [r["value"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(x, [r["trait_heldout"]["delta"] for r in rows], capsize=3, marker="o", label="held-out trait: trait - baseline",
-                yerr=[[r["trait_heldout"]["delta"] - r["trait_heldout"]["ci"][0] for r in rows],
-                      [r["trait_heldout"]["ci"][1] - r["trait_heldout"]["delta"] for r in rows]])
+    attacked = all("persistence" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if attacked else 1, figsize=(12 if attacked else 6, 4), squeeze=False)
+    ax = axes[0][0]
+
+    def bars(ax, ds, **kw):
+        ax.errorbar(x, [d["delta"] for d in ds], capsize=3, marker="o", **kw,
+                    yerr=[[d["delta"] - d["ci"][0] for d in ds], [d["ci"][1] - d["delta"] for d in ds]])
+
+    bars(ax, [r["trait_heldout"] for r in rows], label="held-out trait: trait - baseline")
     ax.plot(x, [r["ood_mean_delta"] for r in rows], marker="s", label="mean OOD eval: trait - baseline")
+    if all("placebo_ood_mean_delta" in r for r in rows):
+        ax.plot(x, [r["placebo_ood_mean_delta"] for r in rows], marker="s", ls=":", label="mean OOD eval: placebo - baseline")
     ax.plot(x, [r["link"]["link"] for r in rows], marker="^", ls="--", label="cross-turn link (trait model)")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xlabel(key), ax.legend(), ax.set_title(f"Sweep over {key}")
+    ax.set_xlabel(key), ax.legend(fontsize=8), ax.set_title(f"Transfer over {key}")
+    if attacked:
+        ax = axes[0][1]
+        for k in rows[0]["persistence"]:
+            bars(ax, [r["persistence"][k] for r in rows], label=k)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xlabel(key), ax.legend(fontsize=8)
+        ax.set_title(f"Persistence over {key} ({attack.HEADLINE_GROUP} switches; degradation < 0: trait resists)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -146,6 +146,22 @@ def test_two_draws_pool_each_draws_own_numbers(smoke, tmp_path):
     assert "## 2 independent draws" in open(os.path.join(tmp_path, "report.md")).read()
 
 
+def test_sweep_row_reads_transfer_placebo_and_persistence_from_a_report(smoke, tmp_path):
+    import run
+
+    _, report, _ = smoke
+    row = run.sweep_row(0.25, report)
+    assert row["value"] == 0.25 and row["trait_heldout"] == report["comparisons"]["trait"]["trait_heldout"]
+    ood = [d["delta"] for n, d in report["comparisons"]["trait_shuffled"].items() if n not in ("trait_heldout", "tasks")]
+    assert row["placebo_ood_mean_delta"] == pytest.approx(sum(ood) / len(ood))
+    vs = report["persistence"]["persona_vs"]
+    assert row["persistence"]["degradation trait - baseline"] == vs["trait - baseline"]["groups"]["heldout"]["degradation"]
+    assert row["persistence"]["steering trait - trait_shuffled"] == vs["trait - trait_shuffled"]["groups"]["heldout"]["steering"]
+    assert set(row["half_dose"]) == {"base", "baseline", "trait", "trait_shuffled"}
+    run.plot_sweep([row, run.sweep_row(0.5, report)], "world.pressure", str(tmp_path / "sweep.png"))
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
 def test_placebo_permutes_the_step_trait_rewards():
     """trait_shuffled: the step's trait rewards are a permutation of themselves (same multiset, not
     the identity), task rewards untouched, the same permutation for the same (seed, step)."""
