@@ -252,12 +252,17 @@ def selected_personas(cfg: AttackConfig) -> dict[str, dict[str, str]]:
 
 def persona_effects(item: dict[str, np.ndarray], harmful: list[str], helpful: list[str]) -> dict[str, np.ndarray]:
     """Per-item degradation (none - mean harmful) and steering (mean helpful - none) of one set of
-    personas; a kind with no persona in the set is left out. Arrays may carry a leading draws axis."""
+    personas, and the scores under them (under_harmful, under_helpful: what is left under attack -
+    a model that starts higher has more to lose, so trait - baseline of degradation alone mixes the
+    starting level into persistence); a kind with no persona in the set is left out. Arrays may
+    carry a leading draws axis."""
     out = {}
     if harmful:
-        out["degradation"] = item["none"] - np.mean([item[p] for p in harmful], axis=0)
+        under = np.mean([item[p] for p in harmful], axis=0)
+        out["degradation"], out["under_harmful"] = item["none"] - under, under
     if helpful:
-        out["steering"] = np.mean([item[p] for p in helpful], axis=0) - item["none"]
+        under = np.mean([item[p] for p in helpful], axis=0)
+        out["steering"], out["under_helpful"] = under - item["none"], under
     return out
 
 
@@ -343,7 +348,7 @@ def persona_report(draws: list[dict], cfg: AttackConfig) -> dict:
 
             out["vs"][f"trait - {other}"] = {
                 "groups": {g: diff(("group", g)) for g in groups}, "all": diff(("all", "")),
-                "personas": {p: next(iter(diff(("persona", p)).values())) for p in kind_of}}
+                "personas": {p: diff(("persona", p))["degradation" if kind_of[p] == "harmful" else "steering"] for p in kind_of}}
     if "trait - baseline" in out["vs"]:
         vs = out["vs"]["trait - baseline"]
         group = HEADLINE_GROUP if {"degradation", "steering"} <= set(vs["groups"].get(HEADLINE_GROUP, {})) else "all"
@@ -593,7 +598,8 @@ def persistence_view(persona: dict, ft: dict) -> dict:
 
 def pool_draws(per_draw: list[dict], cfg: AttackConfig) -> dict:
     """run_attacks' result pooled over independent draws (each draw's result with its "items"): the
-    same keys, every effect a mean over draws with CIs over draws and items."""
+    same keys, every effect a mean over draws with CIs over draws and items (one draw: its own
+    result, recomputed from its items)."""
     items = [p["items"] for p in per_draw]
     persona = persona_report([it["persona"] for it in items], cfg)
     curves = {lr: {m: {name: np.concatenate([np.asarray(it["curves"][lr][m][name]) for it in items])
@@ -637,11 +643,15 @@ def markdown(p: dict) -> str:
                          + f" | {_fmt(row[2])} | {_fmt(row[3])} |")
     vs = p.get("persona_vs") or {}
     if vs:
-        lines += ["", "| group | comparison | degradation difference | steering difference |", "|---|---|---|---|"]
+        lines += ["", "Differences between models, paired over items: of the effects, and of the scores left under the "
+                  "harmful personas (what persists) and reached under the helpful ones.", "",
+                  "| group | comparison | degradation difference | steering difference | under harmful | under helpful |",
+                  "|---|---|---|---|---|---|"]
         for g in groups + ["all"]:
             for name, c in vs.items():
                 d = c["all"] if g == "all" else c["groups"][g]
-                lines.append(f"| {g} | {name} | {_fmt(d.get('degradation'))} | {_fmt(d.get('steering'))} |")
+                lines.append(f"| {g} | {name} | " + " | ".join(_fmt(d.get(k)) for k in ("degradation", "steering", "under_harmful",
+                                                                                       "under_helpful")) + " |")
     sel = p.get("selective_persistence")
     if sel:
         lines.append(f"\nSelective persistence ({sel['group']} personas): trait - baseline degradation "

@@ -70,3 +70,5 @@ def test_persona_report_pools_draws_as_means_with_per_draw_values():
     # one draw claims selective persistence (its CI covers items only); the second draw disagrees
     assert one["selective_persistence"]["selective"] is True and two["selective_persistence"]["selective"] is False
     assert two["persona"]["trait"]["per_eval"]["health"]["harmful"] == pytest.approx(0.8 - 0.3)
+    # what is left under the switch: trait 0.7 and 0.3 against the baseline's 0.4
+    assert two["vs"]["trait - baseline"]["groups"]["heldout"]["under_harmful"]["per_draw"] == pytest.approx([0.3, -0.1])
