@@ -5,6 +5,8 @@
     python run.py --stage base             # stop after a stage: world | base | rl | eval | persistence | report
                                            # (eval and later also write the report)
     python run.py --help                   # every knob, its default and what it means
+    python run.py --draws 3                # 3 independent draws (base init + SFT order, RL seed, attack order), pooled
+    python run.py --draw 1 --stage persistence   # one draw alone (draws in parallel processes; --draws 3 then pools the caches)
     torchrun --standalone --nproc_per_node=2 run.py --preset smoke     # the same run on 2 ranks
 
 The recipe:
@@ -25,6 +27,11 @@ The recipe:
                   fine-tuning as a dose-response with a control fine-tune (attack.py), on base, baseline,
                   trait and trait_shuffled, whichever were trained
   6. report       out/<run>/report.md, report.json, figures/*.png
+
+Claims over draws: --draws N runs draws draw .. draw + N - 1, each a run of its own (out/<run>/draw-<d>/report.md),
+and pools them into report.json: every score and delta a mean over draws with a crossed bootstrap CI over
+draws and items (the draws share the world's items: evaluate.draws_difference), "k of N" pooled and per
+draw, the probes and the persistence headline pooled the same way.
 
 Every stage is cached under out/<run>/ by a hash of the config and the records it depends on (the
 corpus for the base, the RL records for an arm, the eval items with their graders for the evals), so
