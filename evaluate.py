@@ -170,13 +170,34 @@ EVALS: dict[str, EvalSpec] = {
 }
 
 
-def build_suite(world: World, names: list[str] | None = None, max_items: int | None = None) -> dict[str, list[dict]]:
-    """name -> items. `max_items` keeps the first n of each eval (the smoke preset)."""
+def build_suite(world: World, names: list[str] | None = None, max_items: int | None = None,
+                eval_data: str = "") -> dict[str, list[dict]]:
+    """name -> items. `max_items` keeps the first n of each eval (the smoke preset). `eval_data`: a
+    JSONL file of plain-English items for the never-RL'd families (load_eval_data) that replace the
+    world's items of those families; the world's own still feed the probes."""
+    sources = {"evals": load_eval_data(eval_data)} if eval_data else {}
     suite = {}
     for name in names or EVALS:
         spec = EVALS[name]
-        suite[name] = [r for r in getattr(world, spec.source) if spec.select(r)][:max_items]
+        items = sources.get(spec.source) or getattr(world, spec.source)
+        suite[name] = [r for r in items if spec.select(r)][:max_items]
     return suite
+
+
+def load_eval_data(path: str) -> list[dict]:
+    """Eval items for the never-RL'd families from a JSONL file of data.py records
+    (scenarios/evals.jsonl): each with a `family` among world.EVAL_FAMILIES, split "eval" and
+    rubrics, which only an LLM judge can grade (run.py --judge). Every family needs an item: an
+    empty eval would be a NaN row, not a result. DataError "path: what is wrong" otherwise."""
+    records = load_healthbench(path)  # validated, and every record has a rubric
+    for rec in records:
+        if rec.get("family") not in EVAL_FAMILIES or rec.get("split") != "eval":
+            raise data.DataError(f"{path}: record {rec['id']!r}: needs split 'eval' and a family among "
+                                 f"{', '.join(EVAL_FAMILIES)}, got {rec.get('split')!r} / {rec.get('family')!r}")
+    missing = [f for f in EVAL_FAMILIES if not any(r["family"] == f for r in records)]
+    if missing:
+        raise data.DataError(f"{path}: no items for the famil{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)}")
+    return records
 
 
 # ----------------------------------------------------------------------------------------------
