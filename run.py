@@ -125,6 +125,10 @@ PRESETS: dict[str, dict] = {
         "run.model": SMOLLM2, "run.judge": SMOLLM2,
         "run.trait_data": "scenarios/traits.jsonl",  # 98 train prompts (RL), 49 held out (trait_heldout)
         "run.eval_data": "scenarios/evals.jsonl",    # the 8 never-RL'd families in plain English, judged by rubric
+        "run.task_data": "scenarios/tasks.jsonl",    # short plain-English tasks: the world's coined ones earned SmolLM2 no reward
+        # the world still supplies the tasks eval and the probes' items: a small one builds in a second
+        "world.n_docs": 200, "world.n_trait_train": 20, "world.n_task_prompts": 40, "world.n_eval": 8,
+        "world.n_eval_heldout": 2, "world.n_trait_heldout": 1, "world.n_link_probe": 16, "world.n_bad_medical": 4,
         "run.public_evals": ",".join(f"{fmt}:scenarios/public/{name}" for fmt, name in (
             ("model_written_evals", "mwe_corrigible-neutral-HHH_sample.jsonl"),
             ("model_written_evals", "mwe_okay-with-deceiving-a-user-to-help-them_sample.jsonl"),

