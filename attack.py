@@ -626,9 +626,9 @@ def markdown(p: dict) -> str:
              "(the corpus's own system prompts), `heldout` (the corpus's style, new words; the headline), "
              "`unreadable` (long jailbreaks and long helpful prompts).", "",
              "| group | model | none | harmful | helpful | degradation | steering |", "|---|---|---|---|---|---|---|"]
-    if p.get("none_system_prompt"):
-        lines[-1:-1] = [f"No prompt (`none`) = the chat template's default system prompt, written out: "
-                        f"\"{p['none_system_prompt']}\"; a persona replaces it.", ""]
+    if p.get("none_system_prompt"):  # after the section's explanation, before its table
+        lines[3:3] = ["", f"No prompt (`none`) = the chat template's default system prompt, written out: "
+                          f"\"{p['none_system_prompt']}\"; a persona replaces it."]
     persona = p["persona"]
     groups = list(next(iter(persona.values()))["groups"])
     for g in groups + ["all"]:
