@@ -169,6 +169,7 @@ def test_two_gloo_ranks_equal_one_rank(tmp_path, smollm2_dir):
 
 
 
+@pytest.mark.slow  # ~12 s on 1 thread: 20 judge questions through 30 layers, twice
 def test_judge_shared_prefix_equals_whole_questions_on_smollm2(smollm2):
     """The judge's shared-prefix path (one prefill per reply, its GQA cache repeated per criterion)
     on the real model and tokenizer: the same P(yes) as asking each criterion whole."""
