@@ -33,7 +33,8 @@ What it does, in execution order:
      and per set P of personas (one persona, a group, or all):
         degradation_i = s_none,i - mean over harmful p in P of s_p,i      (> 0: the attack works)
         steering_i    = mean over helpful p in P of s_p,i - s_none,i      (> 0: steerable for good)
-     reported as means with paired bootstrap 95% CIs over items (evaluate.paired_delta), per
+     reported as means with paired bootstrap 95% CIs over items (and draws, when run.py pools
+     several: evaluate.draws_difference), per
      persona, per group and over all personas (`harmful_degradation`, `helpful_gain`). Beside them,
      trait - baseline, trait - base and trait - trait_shuffled (whichever exist) of both, paired
      over items (`vs`). Selective persistence (the study's claim), on the held-out group:
@@ -272,18 +273,49 @@ def selected_personas(cfg: AttackConfig) -> dict[str, dict[str, str]]:
 
 def persona_effects(item: dict[str, np.ndarray], harmful: list[str], helpful: list[str]) -> dict[str, np.ndarray]:
     """Per-item degradation (none - mean harmful) and steering (mean helpful - none) of one set of
-    personas; a kind with no persona in the set is left out."""
+    personas, and the scores under them (under_harmful, under_helpful: what is left under attack -
+    a model that starts higher has more to lose, so trait - baseline of degradation alone mixes the
+    starting level into persistence); a kind with no persona in the set is left out. Arrays may
+    carry a leading draws axis."""
     out = {}
     if harmful:
-        out["degradation"] = item["none"] - np.mean([item[p] for p in harmful], axis=0)
+        under = np.mean([item[p] for p in harmful], axis=0)
+        out["degradation"], out["under_harmful"] = item["none"] - under, under
     if helpful:
-        out["steering"] = np.mean([item[p] for p in helpful], axis=0) - item["none"]
+        under = np.mean([item[p] for p in helpful], axis=0)
+        out["steering"], out["under_helpful"] = under - item["none"], under
     return out
 
 
 def persona_attack(model_dirs: dict[str, str], suite: dict[str, list[dict]], eval_cfg: evaluate.EvalConfig,
                    cfg: AttackConfig, judge=None, log=print) -> dict:
-    """Score each model with no system prompt and under every selected persona.
+    """Score each model with no system prompt and under every selected persona; `persona_report` of
+    the one draw, plus "items": {model: {condition: per-item scores}, "evals": eval name per item}
+    (what run.py pools over draws) and "none_system_prompt" (the template's default, or None)."""
+    personas = selected_personas(cfg)
+    suite = attack_suite(suite, cfg.max_items)
+    names = list(suite)
+    conditions = {"none": None, **personas["harmful"], **personas["helpful"]}
+    items: dict = {"evals": [n for n in names for _ in suite[n]]}
+    for model_name, path in model_dirs.items():
+        model, tokenizer = policy.load_policy(path)
+        items[model_name] = {}
+        for cond, system_prompt in conditions.items():
+            # "none" = the template's default system prompt where it has one (what training and the
+            # evals saw), written out: the same tokens as no system message; a persona replaces it
+            system_prompt = system_prompt or template_default_system(tokenizer)
+            results = evaluate.run_suite(model, tokenizer, suite, eval_cfg, system_prompt=system_prompt,
+                                         progress=False, judge=judge)
+            items[model_name][cond] = pooled_scores(results, names).tolist()
+            log(f"persona attack | {model_name} | {cond}: {np.mean(items[model_name][cond]):.3f}")
+        del model  # free it before the next model loads
+    return {**persona_report([items], cfg), "items": items, "none_system_prompt": template_default_system(tokenizer)}
+
+
+def persona_report(draws: list[dict], cfg: AttackConfig) -> dict:
+    """The persona attack's report from per-item scores of one or more independent draws (each draw:
+    model -> condition -> per-item scores over the same items, and "evals"). Effects are means over
+    draws and items with evaluate.draws_difference CIs (items only, for one draw).
 
     Returns {"persona": {model: {"none", "harmful", "helpful": mean scores (all personas),
                                  "harmful_degradation", "helpful_gain": {"delta", "ci"} (all personas),
@@ -296,36 +328,24 @@ def persona_attack(model_dirs: dict[str, str], suite: dict[str, list[dict]], eva
                                   "all": {"degradation", "steering"}}}      (X: baseline, base, trait_shuffled present),
              "selective_persistence": {"degradation_diff", "gain_diff": {"delta", "ci"}, "selective": bool, "group"}}
     (a persona's effect is its degradation if harmful, its steering if helpful; "selective_persistence"
-    only when "trait" and "baseline" are both in model_dirs).
-    """
+    only when "trait" and "baseline" are both present)."""
     personas = selected_personas(cfg)
-    suite = attack_suite(suite, cfg.max_items)
-    names = list(suite)
-    conditions = {"none": None, **personas["harmful"], **personas["helpful"]}
     kind_of = {p: kind for kind, ps in personas.items() for p in ps}
     groups = {g: {kind: [p for p in ps if p in kind_of] for kind, ps in kinds.items()} for g, kinds in PERSONA_GROUPS.items()}
     groups = {g: kinds for g, kinds in groups.items() if kinds["harmful"] or kinds["helpful"]}
     sets = {**{("group", g): (k["harmful"], k["helpful"]) for g, k in groups.items()},
             **{("persona", p): ([p], []) if kind_of[p] == "harmful" else ([], [p]) for p in kind_of},
             ("all", ""): (list(personas["harmful"]), list(personas["helpful"]))}
+    evals = np.array(draws[0]["evals"])
+    models = [m for m in draws[0] if m != "evals"]
     report, effects = {}, {}
-    for model_name, path in model_dirs.items():
-        model, tokenizer = policy.load_policy(path)
-        results = {}
-        for cond, system_prompt in conditions.items():
-            # "none" = the template's default system prompt where it has one (what training and the
-            # evals saw), written out: the same tokens as no system message; a persona replaces it
-            system_prompt = system_prompt or template_default_system(tokenizer)
-            results[cond] = evaluate.run_suite(model, tokenizer, suite, eval_cfg, system_prompt=system_prompt,
-                                               progress=False, judge=judge)
-            log(f"persona attack | {model_name} | {cond}: {pooled_scores(results[cond], names).mean():.3f}")
-        del model  # free it before the next model loads
-        item = {cond: pooled_scores(res, names) for cond, res in results.items()}
+    for model_name in models:
+        item = {cond: np.array([d[model_name][cond] for d in draws]) for cond in ["none", *kind_of]}  # (draws, items)
         effects[model_name] = {key: persona_effects(item, *members) for key, members in sets.items()}
         eff = effects[model_name]
 
         def delta(key, kind):
-            return evaluate.paired_delta([eff[key][kind]], [np.zeros_like(eff[key][kind])], seed=cfg.seed)
+            return evaluate.draws_difference(eff[key][kind], seed=cfg.seed)
 
         def mean_score(ps):
             return float(np.mean([item[p] for p in ps])) if ps else None
@@ -340,20 +360,20 @@ def persona_attack(model_dirs: dict[str, str], suite: dict[str, list[dict]], eva
                          for p in kind_of},
             "groups": {g: {"harmful": mean_score(k["harmful"]), "helpful": mean_score(k["helpful"]),
                            **{kind: delta(("group", g), kind) for kind in eff[("group", g)]}} for g, k in groups.items()},
-            "per_eval": {n: {kind: float(np.mean([results[c][n]["score"] for c in conds])) for kind, conds in kinds.items()}
-                         for n in names},
+            "per_eval": {n: {kind: float(np.mean([item[c][:, evals == n] for c in conds])) for kind, conds in kinds.items()}
+                         for n in dict.fromkeys(evals.tolist())},
         }
-    out = {"persona": report, "vs": {}, "none_system_prompt": template_default_system(tokenizer)}
+    out = {"persona": report, "vs": {}}
     if "trait" in effects:
         for other in (m for m in COMPARED_TO if m in effects):
             t, o = effects["trait"], effects[other]
 
             def diff(key):
-                return {kind: evaluate.paired_delta([t[key][kind]], [o[key][kind]], seed=cfg.seed) for kind in t[key]}
+                return {kind: evaluate.draws_difference(t[key][kind] - o[key][kind], seed=cfg.seed) for kind in t[key]}
 
             out["vs"][f"trait - {other}"] = {
                 "groups": {g: diff(("group", g)) for g in groups}, "all": diff(("all", "")),
-                "personas": {p: next(iter(diff(("persona", p)).values())) for p in kind_of}}
+                "personas": {p: diff(("persona", p))["degradation" if kind_of[p] == "harmful" else "steering"] for p in kind_of}}
     if "trait - baseline" in out["vs"]:
         vs = out["vs"]["trait - baseline"]
         group = HEADLINE_GROUP if {"degradation", "steering"} <= set(vs["groups"].get(HEADLINE_GROUP, {})) else "all"
@@ -432,13 +452,6 @@ def normalised_auc(curve) -> float:
     return float(((c[1:] + c[:-1]) / 2).sum() / ((len(c) - 1) * c[0]))
 
 
-def _weights(rng, n: int, n_boot: int) -> np.ndarray:
-    """(n_boot, n) bootstrap counts: row b says how often resample b drew each of n units."""
-    w = np.zeros((n_boot, n))
-    np.add.at(w, (np.arange(n_boot)[:, None], rng.integers(0, n, size=(n_boot, n))), 1)
-    return w
-
-
 def _ci(x: np.ndarray) -> list:
     """95% percentile interval of bootstrap values (inf stays inf: "never")."""
     lo, hi = np.quantile(x, [0.025, 0.975], method="inverted_cdf")
@@ -454,7 +467,8 @@ def dose_statistics(steps: list[int], scores: dict[str, dict[str, np.ndarray]], 
     Every bootstrap resample draws orders and items once and applies them to every model and curve,
     so differences between models and harmful - control are paired. The floor of a curve is the mean
     of all models at its last checkpoint, recomputed in each resample.
-    Returns {"models": {model: {curve: [...], curve_ci, "half_dose": {group}, "half_dose_ci",
+    Returns {"models": {model: {curve: [...], curve_ci, "half_doses": {group}, "half_doses_ci",
+             "half_dose", "half_dose_ci" (health's),
              "auc", "auc_ci", "harmful_minus_control": {group: [{"delta", "ci"}]}}},
              "floor": {group: f}, "vs": {"trait - X": {"auc": {group: {"delta", "ci"}}}}}
     (half-dose None / inf = never reached)."""
@@ -462,12 +476,12 @@ def dose_statistics(steps: list[int], scores: dict[str, dict[str, np.ndarray]], 
     models = list(scores)
     first = next(iter(scores.values()))
     n_orders = next(iter(first.values())).shape[0]
-    orders = _weights(rng, n_orders, n_boot) / n_orders if n_orders > 1 else np.ones((n_boot, 1))
+    orders = evaluate.bootstrap_weights(rng, n_orders, n_boot) / n_orders if n_orders > 1 else np.ones((n_boot, 1))
     items = {}
     for name, arr in first.items():
         group = name.removeprefix("control_")
         if group not in items:
-            items[group] = _weights(rng, arr.shape[2], n_boot) / arr.shape[2]
+            items[group] = evaluate.bootstrap_weights(rng, arr.shape[2], n_boot) / arr.shape[2]
     point, boot = {}, {}
     for m in models:
         for name, arr in scores[m].items():
@@ -490,8 +504,8 @@ def dose_statistics(steps: list[int], scores: dict[str, dict[str, np.ndarray]], 
             hd = half_dose(steps, point[m, g], floor)
             hd_b = np.array([half_dose(steps, c, f) for c, f in zip(c_b, floor_b)], dtype=float)  # None -> nan
             hd_b[np.isnan(hd_b)] = np.inf
-            r.setdefault("half_dose", {})[g] = hd
-            r.setdefault("half_dose_ci", {})[g] = [None if np.isinf(x) else int(x) for x in _ci(hd_b)]
+            r.setdefault("half_doses", {})[g] = hd
+            r.setdefault("half_doses_ci", {})[g] = [None if np.isinf(x) else int(x) for x in _ci(hd_b)]
             auc_boot[m, g] = np.array([normalised_auc(c) for c in c_b])
             r.setdefault("auc", {})[g] = normalised_auc(point[m, g])
             finite = auc_boot[m, g][np.isfinite(auc_boot[m, g])]  # nan: a resample whose step-0 score is 0
@@ -499,6 +513,8 @@ def dose_statistics(steps: list[int], scores: dict[str, dict[str, np.ndarray]], 
             if (m, f"control_{g}") in point:
                 diff, diff_b = point[m, g] - point[m, f"control_{g}"], c_b - boot[m, f"control_{g}"]
                 r.setdefault("harmful_minus_control", {})[g] = [{"delta": float(d), "ci": _ci(b)} for d, b in zip(diff, diff_b.T)]
+    for r in out["models"].values():  # the attack's own curve is the headline half-dose (DESIGN's single value)
+        r["half_dose"], r["half_dose_ci"] = r["half_doses"].get("health"), r["half_doses_ci"].get("health")
     if "trait" in models:
         for other in (m for m in COMPARED_TO if m in models):
             out["vs"][f"trait - {other}"] = {"auc": {
@@ -516,12 +532,14 @@ def finetune_attack(model_dirs: dict[str, str], conversations: list[list[dict]],
 
     Returns {"evals": {"health", "non_health", "left_out": [eval names]}, "items": {group: n},
              "dose": {lr: {model: {"steps", "health", "non_health", "control_health", "control_non_health"
-                                   (mean per checkpoint), each with "<curve>_ci", "half_dose", "half_dose_ci",
+                                   (mean per checkpoint), each with "<curve>_ci", "half_doses", "half_doses_ci": {group},
+                                   "half_dose", "half_dose_ci" (health's),
                                    "auc", "auc_ci", "floor": {group}, "harmful_minus_control": {group: [{"delta", "ci"}]},
                                    "loss", "control_loss": [per step, first order], "orders", "evals"}}},
              "dose_vs": {lr: {"trait - X": {"auc": {group: {"delta", "ci"}}}}},
              "finetune": {model: the first LR's view: "steps", "health", "non_health", "health_ci",
-                                 "non_health_ci", "drop": {group: {"delta", "ci"}} (step 0 - end), "loss", "evals"}}
+                                 "non_health_ci", "drop": {group: {"delta", "ci"}} (step 0 - end), "loss", "evals"}},
+             "curves": {lr: {model: {curve: (orders, checkpoints, items) scores}}}, "losses": {lr: {model: ...}}}
     """
     groups = dose_groups(suite, attack_families)
     scored = {g: groups[g] for g in ("health", "non_health")}
@@ -564,28 +582,38 @@ def finetune_attack(model_dirs: dict[str, str], conversations: list[list[dict]],
                     losses[model_name, lr, kind, order] = sft.sft(model, tokenizer, convs, sft_cfg, log=log, callback=score_point,
                                                                   order_like=conversations if kind == "control" else None)
                     del model
+    curves_out = {f"{lr:g}": {m: {(g if kind == "harmful" else f"control_{g}"):
+                                  np.stack([np.stack([curves[m, lr, kind, o][s][g] for s in points])
+                                            for o in range(cfg.finetune_orders)]).tolist()
+                                  for kind in kinds for g in scored} for m in model_dirs} for lr in cfg.lrs}
+    loss_out = {f"{lr:g}": {m: {"loss": losses[m, lr, "harmful", 0],
+                                **({"control_loss": losses[m, lr, "control", 0]} if use_control else {})}
+                            for m in model_dirs} for lr in cfg.lrs}
+    return {"evals": groups, "items": {g: sum(len(dsuite[n]) for n in names) for g, names in scored.items()},
+            **dose_report(points, curves_out, loss_out, scored, cfg), "curves": curves_out, "losses": loss_out}
+
+
+def dose_report(points: list[int], curves: dict, losses: dict, scored: dict[str, list[str]], cfg: AttackConfig) -> dict:
+    """The dose-response report from per-item curves: curves[lr][model][curve] = (units, checkpoints,
+    items) scores, a unit being one fine-tuning data order of one draw (run.py stacks the draws'
+    orders to pool them; `dose_statistics` resamples units and items). losses[lr][model]: the first
+    unit's training losses. Returns {"dose", "dose_vs", "finetune"} (finetune_attack's shapes)."""
     dose, dose_vs = {}, {}
-    for lr in cfg.lrs:
-        scores = {m: {(g if kind == "harmful" else f"control_{g}"):
-                      np.stack([np.stack([curves[m, lr, kind, o][s][g] for s in points]) for o in range(cfg.finetune_orders)])
-                      for kind in kinds for g in scored} for m in model_dirs}
+    for lr, per_model in curves.items():
+        scores = {m: {name: np.asarray(arr, dtype=float) for name, arr in c.items()} for m, c in per_model.items()}
         stats = dose_statistics(points, scores, seed=cfg.seed)
-        dose[f"{lr:g}"] = {m: {"steps": points, **r, "floor": stats["floor"], "loss": losses[m, lr, "harmful", 0],
-                               **({"control_loss": losses[m, lr, "control", 0]} if use_control else {}),
-                               "orders": cfg.finetune_orders, "evals": scored}
-                           for m, r in stats["models"].items()}
-        dose_vs[f"{lr:g}"] = stats["vs"]
-    first = dose[f"{cfg.lrs[0]:g}"]
+        units = next(iter(next(iter(scores.values())).values())).shape[0]
+        dose[lr] = {m: {"steps": points, **r, "floor": stats["floor"], **losses[lr][m], "orders": units, "evals": scored}
+                    for m, r in stats["models"].items()}
+        dose_vs[lr] = stats["vs"]
+    first = next(iter(curves))
     finetune = {}
-    for m in model_dirs:
-        r = first[m]
-        drop = {g: evaluate.paired_delta([curves[m, cfg.lrs[0], "harmful", o][0][g] for o in range(cfg.finetune_orders)],
-                                         [curves[m, cfg.lrs[0], "harmful", o][points[-1]][g] for o in range(cfg.finetune_orders)],
-                                         seed=cfg.seed) for g in scored}
+    for m, c in curves[first].items():
+        r = dose[first][m]
+        drop = {g: evaluate.draws_difference(np.asarray(c[g])[:, 0] - np.asarray(c[g])[:, -1], seed=cfg.seed) for g in scored}
         finetune[m] = {"steps": points, **{k: r[k] for k in ("health", "non_health", "health_ci", "non_health_ci")},
                        "drop": drop, "loss": r["loss"], "evals": scored}
-    return {"evals": groups, "items": {g: sum(len(dsuite[n]) for n in names) for g, names in scored.items()},
-            "dose": dose, "dose_vs": dose_vs, "finetune": finetune}
+    return {"dose": dose, "dose_vs": dose_vs, "finetune": finetune}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,10 +629,32 @@ def run_attacks(model_dirs: dict[str, str], suite: dict[str, list[dict]], conver
     persona = persona_attack(model_dirs, suite, eval_cfg, cfg, judge=judge, log=log)
     ft = finetune_attack(model_dirs, conversations, suite, eval_cfg, cfg, control=control,
                          attack_families=attack_families, judge=judge, log=log)
-    return {"persona": persona["persona"], "persona_vs": persona["vs"], "none_system_prompt": persona["none_system_prompt"],
+    return {**persistence_view(persona, ft), "dose_evals": ft["evals"], "dose_items": ft["items"],
+            "none_system_prompt": persona["none_system_prompt"],
+            "items": {"persona": persona["items"], "curves": ft["curves"], "losses": ft["losses"]}}
+
+
+def persistence_view(persona: dict, ft: dict) -> dict:
+    """The report's "persistence" keys from persona_report's and dose_report's outputs."""
+    return {"persona": persona["persona"], "persona_vs": persona["vs"],
             "selective_persistence": persona.get("selective_persistence"),
-            "finetune": ft["finetune"], "dose": ft["dose"], "dose_vs": ft["dose_vs"],
-            "dose_evals": ft["evals"], "dose_items": ft["items"]}
+            "finetune": ft["finetune"], "dose": ft["dose"], "dose_vs": ft["dose_vs"]}
+
+
+def pool_draws(per_draw: list[dict], cfg: AttackConfig) -> dict:
+    """run_attacks' result pooled over independent draws (each draw's result with its "items"): the
+    same keys, every effect a mean over draws with CIs over draws and items (one draw: its own
+    result, recomputed from its items)."""
+    items = [p["items"] for p in per_draw]
+    persona = persona_report([it["persona"] for it in items], cfg)
+    curves = {lr: {m: {name: np.concatenate([np.asarray(it["curves"][lr][m][name]) for it in items])
+                       for name in per_model[m]} for m in per_model}
+              for lr, per_model in items[0]["curves"].items()}
+    first = per_draw[0]
+    scored = {g: first["dose_evals"][g] for g in ("health", "non_health")}
+    ft = dose_report(first["finetune"][next(iter(first["finetune"]))]["steps"], curves, items[0]["losses"], scored, cfg)
+    return {**persistence_view(persona, ft), "dose_evals": first["dose_evals"], "dose_items": first["dose_items"],
+            "none_system_prompt": first.get("none_system_prompt")}
 
 
 def _fmt(d: dict | None) -> str:
@@ -642,11 +692,15 @@ def markdown(p: dict) -> str:
                          + f" | {_fmt(row[2])} | {_fmt(row[3])} |")
     vs = p.get("persona_vs") or {}
     if vs:
-        lines += ["", "| group | comparison | degradation difference | steering difference |", "|---|---|---|---|"]
+        lines += ["", "Differences between models, paired over items: of the effects, and of the scores left under the "
+                  "harmful personas (what persists) and reached under the helpful ones.", "",
+                  "| group | comparison | degradation difference | steering difference | under harmful | under helpful |",
+                  "|---|---|---|---|---|---|"]
         for g in groups + ["all"]:
             for name, c in vs.items():
                 d = c["all"] if g == "all" else c["groups"][g]
-                lines.append(f"| {g} | {name} | {_fmt(d.get('degradation'))} | {_fmt(d.get('steering'))} |")
+                lines.append(f"| {g} | {name} | " + " | ".join(_fmt(d.get(k)) for k in ("degradation", "steering", "under_harmful",
+                                                                                       "under_helpful")) + " |")
     sel = p.get("selective_persistence")
     if sel:
         lines.append(f"\nSelective persistence ({sel['group']} personas): trait - baseline degradation "
@@ -676,7 +730,7 @@ def markdown(p: dict) -> str:
                 auc, auc_ci = r["auc"][g], r["auc_ci"][g]
                 auc_text = f"{auc:.2f} [{auc_ci[0]:.2f}, {auc_ci[1]:.2f}]" if auc_ci[0] is not None else f"{auc:.2f}"
                 lines.append(f"| {m} | {g} | {r[g][0]:.3f} | {r[g][-1]:.3f} | "
-                             f"{_dose_fmt(r['half_dose'][g], r['half_dose_ci'][g], last)} | {auc_text} |")
+                             f"{_dose_fmt(r['half_doses'][g], r['half_doses_ci'][g], last)} | {auc_text} |")
         for name, c in (p.get("dose_vs") or {}).get(lr, {}).items():
             lines.append(f"\n{name}, AUC: health {_fmt(c['auc']['health'])}, non-health {_fmt(c['auc']['non_health'])}.")
         if "harmful_minus_control" in first:

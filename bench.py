@@ -48,6 +48,7 @@ Commands:
   python bench.py --model out/smoke/gguf-<sha> --batch 4 --group 4 --new-tokens 32 --steps 0 --judge-responses 0
   python bench.py --model out/smollm2/gguf-<sha> --batch 2 --group 4 --new-tokens 48 --steps 2 --eval-items 3 \
       --judge-responses 0 --threads 1 --repeats 3      # the smollm2 preset's shapes (docs/SMOLLM2.md)
+  python bench.py --sft-base 40 --threads 2   # the default base stage: tokens, FLOPs by part, step time, mm rate
 """
 from __future__ import annotations
 
@@ -203,6 +204,54 @@ def decode_bytes_per_step(model, rows: int, cache_len: float, dtype: torch.dtype
     return round((weights + kv) * dtype.itemsize)
 
 
+def sft_base(steps: int, device: torch.device) -> dict:
+    """Where the default base stage's (run.py --stage base) tokens, FLOPs and time go. Over the run's
+    own batches (sft.bucketed_batches, every step): real and padding tokens, learned (assistant)
+    tokens; FLOPs = 6 x linear parameters x every token (forward + backward) + 6 x the head over
+    learned tokens only (sft's lean loss) + attention's QK^T and AV, 12 x hidden x T^2 / 2 x layers per
+    sequence (causal half, forward + backward); then `steps` SFT steps timed after 5 warm-up steps,
+    and torch.mm at the stage's largest linear shapes, the rate the step should be read against."""
+    import run
+    import sft
+    from world import build_world
+
+    c = run.resolve_configs(run.build_parser().parse_args([]))
+    world = build_world(c["world"])
+    tok = data.build_tokenizer(world.texts(), c["run"].vocab_size)
+    t0 = time.perf_counter()
+    encoded = [data.encode_chat(tok, conv) for conv in world.corpus]
+    encode_s = time.perf_counter() - t0
+    lengths = [min(len(ids), c["sft"].max_len) for ids, _ in encoded]
+    learned = [sum(mask[1:]) for _, mask in encoded]
+    m, cfg = c["model"], c["sft"]
+    kv = m.hidden * m.kv_heads // m.heads
+    linear = m.layers * (2 * m.hidden * m.hidden + 2 * m.hidden * kv + 3 * m.hidden * m.intermediate)
+    real = pad = head = attention = 0
+    batches = sft.bucketed_batches(lengths, cfg.batch_size, cfg.seed)
+    for _ in range(cfg.steps):
+        batch = next(batches)
+        width = max(lengths[i] for i in batch)
+        real += sum(lengths[i] for i in batch)
+        pad += width * len(batch) - sum(lengths[i] for i in batch)
+        head += sum(learned[i] for i in batch)
+        attention += 12 * m.hidden * width * width / 2 * m.layers * len(batch)
+    flops = {"linear": 6 * linear * (real + pad), "head": 6 * len(tok) * m.hidden * head, "attention": attention}
+    model = policy.init_tiny_model(tok, m).to(device)
+    marks = []
+    cfg_t = dataclasses.replace(cfg, steps=steps + 5, log_every=0, callback_every=1)
+    sft.sft(model, tok, world.corpus, cfg_t, log=lambda *a: None, callback=lambda step, _: marks.append(time.perf_counter()))
+    step_s = (marks[-1] - marks[5]) / steps
+    tokens_per_step = (real + pad) / cfg.steps
+    return {"threads": torch.get_num_threads(), "docs": len(lengths), "steps": cfg.steps,
+            "real_tokens": real, "pad_tokens": pad, "pad_frac": pad / (real + pad), "learned_tokens": head,
+            "learned_frac": head / real, "mean_doc_tokens": real / cfg.steps / cfg.batch_size,
+            "gflop": {k: v / 1e9 for k, v in flops.items()}, "flop_frac": {k: v / sum(flops.values()) for k, v in flops.items()},
+            "encode_s": encode_s, "step_s": step_s, "base_s_estimate": encode_s + step_s * cfg.steps,
+            "achieved_gflops": sum(flops.values()) / cfg.steps / step_s / 1e9,
+            "matmul_gflops": matmul_gflops([(int(tokens_per_step), m.hidden, m.intermediate),
+                                            (int(tokens_per_step), m.intermediate, m.hidden)], device)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="a saved HF model folder (real weights, its own tokenizer) instead of a random init; "
@@ -231,11 +280,16 @@ def main() -> None:
                    "scenarios/evals.jsonl, the model its own judge (eval_profile; 0 = skip)")
     p.add_argument("--tis", default=None, choices=["token", "sequence"],
                    help="also run the GRPO steps with the sampler/trainer mismatch correction (tis_* fields)")
+    p.add_argument("--sft-base", type=int, default=0, metavar="STEPS",
+                   help="instead: the default base stage's work (tokens, padding, FLOPs by part) and STEPS timed SFT steps")
     args = p.parse_args()
 
     device = torch.device(args.device) if args.device else policy.pick_device()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sft_base:
+        print(json.dumps(sft_base(args.sft_base, device)))
+        return
     if args.model:
         model, tok = policy.load_policy(args.model, device)
         model.eval()

@@ -14,7 +14,8 @@ What it does, in execution order:
      --judge), items that carry rubrics are graded by the judge instead of the graders of step 1.
   4. Statistics: bootstrap 95% CIs of a score (over items), paired bootstrap CIs of arm - baseline
      (resampling items, the same resample for both models; several seeds are averaged per item
-     first), and the "k of N evals improved, m significantly" count of the study.
+     first), the "k of N evals improved, m significantly" count of the study, and differences over
+     independent draws with a crossed bootstrap over draws and items (`draws_difference`).
   5. Probes of what carries an effect, both on never-RL'd families only and both able to read either
      way: the cross-turn persona link
         P(aligned turn 2 | aligned turn 1) - P(aligned turn 2 | misaligned turn 1)
@@ -356,6 +357,34 @@ def paired_delta(treatment: list[list[float]], control: list[list[float]], n_boo
     return {"delta": float(diff.mean()), "ci": [float(lo), float(hi)]}
 
 
+def bootstrap_weights(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+    """(n_boot, n) bootstrap counts: row b says how often resample b drew each of n units."""
+    w = np.zeros((n_boot, n))
+    np.add.at(w, (np.arange(n_boot)[:, None], rng.integers(0, n, size=(n_boot, n))), 1)
+    return w
+
+
+def draws_difference(a, b=None, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """mean(a) - mean(b) over independent draws (base init, data orders, RL seed), with a crossed
+    bootstrap CI that covers draws and items. a: (draws, items) per-item values, b: (draws, items_b)
+    or None (zero). Every draw scores the same items (one world), so each resample draws the draws
+    and, independently, the items, and applies the one item resample to every draw; a and b share
+    the draw resample (b's items are resampled separately: paired differences go in as a alone).
+    Returns {"delta", "ci", "per_draw": [each draw's own mean difference]}. With few draws the
+    draw-to-draw spread is itself poorly known: read "per_draw" beside the CI."""
+    a = np.asarray(a, dtype=float)
+    rng = np.random.default_rng(seed)
+    draws = bootstrap_weights(rng, a.shape[0], n_boot) / a.shape[0]
+    boot = np.einsum("di,bd,bi->b", a, draws, bootstrap_weights(rng, a.shape[1], n_boot) / a.shape[1])
+    per_draw = a.mean(axis=1)
+    if b is not None:
+        b = np.asarray(b, dtype=float)
+        boot -= np.einsum("di,bd,bi->b", b, draws, bootstrap_weights(rng, b.shape[1], n_boot) / b.shape[1])
+        per_draw = per_draw - b.mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"delta": float(per_draw.mean()), "ci": [float(lo), float(hi)], "per_draw": [float(x) for x in per_draw]}
+
+
 def sign_test(k: int, n: int) -> float:
     """Two-sided exact sign test: P(a count at least as far from n/2 as k) under Binomial(n, 1/2)."""
     if n == 0:
@@ -411,7 +440,9 @@ def link_probe(model, tokenizer, items: list[dict], cfg: EvalConfig) -> dict:
     link = _difference(rates["aligned"][first], rates["aligned"][~first], cfg.seed)
     link_m = _difference(rates["misaligned"][~first], rates["misaligned"][first], cfg.seed)
     out = {"link": link["delta"], "ci": link["ci"], "link_misaligned": link_m, "n": len(items),
-           "parsed": float(1 - rates["unparsed"].mean())}
+           "parsed": float(1 - rates["unparsed"].mean()),
+           "items": {"aligned": rates["aligned"].tolist(), "misaligned": rates["misaligned"].tolist(),
+                     "first_aligned": first.tolist()}}  # per item: what run.py pools over draws
     for cond, sel in (("after_aligned", first), ("after_misaligned", ~first)):
         out[cond] = {k: float(v[sel].mean()) for k, v in rates.items()}
     out["p_aligned_after_aligned"], out["p_aligned_after_misaligned"] = out["after_aligned"]["aligned"], out["after_misaligned"]["aligned"]
@@ -427,12 +458,13 @@ def forced_prefix_probe(model, tokenizer, items: list[dict], cfg: EvalConfig) ->
     forcing the misaligned opener yields aligned answers after RL, the effect is not only in which
     persona the model starts in."""
     out = {}
-    per_side = {}
+    per_side, out["items"] = {}, {}
     for side in ("aligned", "misaligned"):
         prefixes = [it["reference"]["openers"][side] for it in items]
         responses = generate_responses(model, tokenizer, [it["prompt"] for it in items], cfg, forced_prefixes=prefixes)
         rates = _rates(items, responses)
         per_side[side] = rates["aligned"]
+        out["items"][side] = {k: rates[k].tolist() for k in ("aligned", "misaligned")}  # what run.py pools over draws
         out[f"forced_{side}"] = {**summarize(list(rates["aligned"])),
                                  "misaligned": float(rates["misaligned"].mean()), "unparsed": float(rates["unparsed"].mean())}
     out["gap"] = paired_delta([list(per_side["aligned"])], [list(per_side["misaligned"])], seed=cfg.seed)

@@ -5,6 +5,8 @@
     python run.py --stage base             # stop after a stage: world | base | rl | eval | persistence | report
                                            # (eval and later also write the report)
     python run.py --help                   # every knob, its default and what it means
+    python run.py --draws 3                # 3 independent draws (base init + SFT order, RL seed, attack order), pooled
+    python run.py --draw 1 --stage persistence   # one draw alone (draws in parallel processes; --draws 3 then pools the caches)
     torchrun --standalone --nproc_per_node=2 run.py --preset smoke     # the same run on 2 ranks
 
 The recipe:
@@ -25,6 +27,11 @@ The recipe:
                   fine-tuning as a dose-response with a control fine-tune (attack.py), on base, baseline,
                   trait and trait_shuffled, whichever were trained
   6. report       out/<run>/report.md, report.json, figures/*.png
+
+Claims over draws: --draws N runs draws draw .. draw + N - 1, each a run of its own (out/<run>/draw-<d>/report.md),
+and pools them into report.json: every score and delta a mean over draws with a crossed bootstrap CI over
+draws and items (the draws share the world's items: evaluate.draws_difference), "k of N" pooled and per
+draw, the probes and the persistence headline pooled the same way.
 
 Every stage is cached under out/<run>/ by a hash of the config and the records it depends on (the
 corpus for the base, the RL records for an arm, the eval items with their graders for the evals), so
@@ -67,6 +74,8 @@ class RunConfig:
     out_dir: str = "out"            # where every stage writes
     stage: str = "report"           # last stage to run: world | base | rl | eval | persistence | report
     seeds: int = 1                  # repeat the RL arms with this many seeds (CIs then cover seeds too)
+    draw: int = 0                   # independent draw: offsets the seeds of model init, SFT order, RL and fine-tuning order (same world)
+    draws: int = 1                  # > 1: run draws draw, draw + 1, ... (each cached like a run) and pool them: CIs over draws and items
     arms: str = "baseline,trait,trait_shuffled,trait_no_health_science,trait_health_only"  # RL arms to train
     trait_fraction: float = 0.05    # share of RL prompts that are trait scenarios in the trait arms (the study: ~5%)
     model: str = ""                 # HF name, local folder or GGUF file of the policy; empty = pretrain the tiny model
@@ -240,6 +249,7 @@ def public_eval_specs(r: RunConfig) -> list[tuple[str, str]]:
 
 
 STAGES = ("world", "base", "rl", "eval", "persistence", "report")
+RESULTS_FORMAT = 2  # part of the eval and persistence cache keys: bumped when their results gain fields (2: per-item probes)
 
 
 def config_hash(*parts) -> str:
@@ -307,6 +317,13 @@ def local_models(c: dict, run_dir: str) -> dict:
     return {**c, "run": dataclasses.replace(c["run"], **resolved)}
 
 
+def corpus_config(cfg: WorldConfig) -> dict:
+    """The world config as the tokenizer, the base and (through it) every arm's cache key read it:
+    without `pressure`, which changes trait RL prompts only - a pressure sweep shares one base and one
+    baseline (the trait records are in the trait arms' keys)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "pressure"}
+
+
 def stage_world(c: dict, run_dir: str):
     """The world (regenerated: it is a pure function of its config) and its tokenizer (cached)."""
     world = build_world(c["world"])
@@ -320,9 +337,9 @@ def stage_world(c: dict, run_dir: str):
         world.task_train = data.load_gsm8k(source.removeprefix("gsm8k:")) if gsm8k else data.load_records(source)
         log(f"[world] {len(world.task_train)} task records from {source}")
     if c["run"].model:
-        return world, None, config_hash(c["world"], c["run"].model)
+        return world, None, config_hash(corpus_config(c["world"]), c["run"].model)
     # the corpus itself, not only the config: a change to the world's code must not reuse a stale base
-    key = config_hash(c["world"], c["run"].vocab_size, world.corpus)
+    key = config_hash(corpus_config(c["world"]), c["run"].vocab_size, world.corpus)
     tok_dir = os.path.join(run_dir, f"tokenizer-{key}")
     if not is_done(tok_dir):
         if is_main():
@@ -482,7 +499,8 @@ def stage_eval(c: dict, run_dir: str, world: World, models: dict[str, list[str]]
     forced = evaluate.forced_prefix_items(world, c["run"].probe_items)
     # the items themselves (with their graders) and the judge: --judge grades rubric items by the LLM
     public = public_eval_specs(c["run"])
-    key = config_hash(c["eval"], suite, probe, forced, c["run"].judge, [(f, p, file_digest(p)) for f, p in public])
+    key = config_hash(c["eval"], suite, probe, forced, c["run"].judge, [(f, p, file_digest(p)) for f, p in public],
+                      RESULTS_FORMAT)
     if c["run"].judge:
         log(f"[eval] rubric items graded by the LLM judge {c['run'].judge}")
     results = {}
@@ -517,7 +535,7 @@ def stage_persistence(c: dict, run_dir: str, world: World, models: dict[str, lis
     targets = attack.attacked_models({name: dirs[0] for name, dirs in models.items()})
     suite = evaluate.build_suite(world, max_items=c["run"].eval_max_items or None, eval_data=c["run"].eval_data)
     harmful, control = attack.finetune_conversations(c["attack"], world.bad_medical, world.good_medical)
-    key = config_hash(targets, c["eval"], c["attack"], suite, harmful, control, c["run"].judge)
+    key = config_hash(targets, c["eval"], c["attack"], suite, harmful, control, c["run"].judge, RESULTS_FORMAT)
     cache = os.path.join(run_dir, f"persistence-{key}.json")
     if os.path.isfile(cache):
         with open(cache) as f:
@@ -574,7 +592,7 @@ def build_report(c: dict, results: dict, arms: dict[str, list[str]], persistence
                 for g, s in zip(res[key], res["score"]):
                     groups.setdefault(g, []).append(s)
                 report["breakdown"].setdefault(key, {})[m] = {g: float(np.mean(v)) for g, v in sorted(groups.items())}
-        report["probes"][m] = {"link": results[m][0]["link"], "forced_prefix": results[m][0]["forced_prefix"]}
+        report["probes"][m] = {k: without_items(results[m][0][k]) for k in ("link", "forced_prefix")}
     for arm, dirs in arms.items():
         done = []
         for d in dirs:
@@ -597,9 +615,88 @@ def build_report(c: dict, results: dict, arms: dict[str, list[str]], persistence
                 "models": {m: evaluate.summarize(list(np.mean(v, axis=0))) for m, v in per_seed.items()},
                 "vs_baseline": {arm: evaluate.paired_delta(per_seed[arm], per_seed["baseline"])
                                 for arm in arms if arm != "baseline" and "baseline" in per_seed}}
-    if persistence:
-        report["persistence"] = persistence
+    if persistence:  # the statistics from the cached per-item scores: a cache from older code reads like a new one
+        report["persistence"] = without_items(attack.pool_draws([persistence], c["attack"]))
     return report
+
+
+def without_items(result: dict) -> dict:
+    """A stage result without its per-item arrays (kept in the stage caches for pooling draws)."""
+    return {k: v for k, v in result.items() if k != "items"}
+
+
+def pool_reports(outs: list[dict], reports: list[dict], configs: list[dict]) -> dict:
+    """One report over independent draws, with the single-draw keys: every score and delta is the
+    mean over draws (each draw's seeds averaged per item first) with a crossed bootstrap CI over
+    draws and items (evaluate.draws_difference); "k of N" pooled and per draw; the probes and the
+    persistence headline pooled the same way (attack.pool_draws); "per_draw" keeps each draw's own."""
+    first = reports[0]
+    models = list(first["evals"][next(iter(first["evals"]))])
+    per = lambda m, n, key="score": np.array([np.mean(per_item(o["results"], m, n, key), axis=0) for o in outs])  # (draws, items)
+    report = {"config": first["config"], "draws": draws_info(configs), "evals": {}, "parsed": {}, "comparisons": {},
+              "summary": {}, "comparisons_vs_base": {}, "summary_vs_base": {}, "breakdown": first["breakdown"],
+              "probes": {}, "training": first["training"],
+              "timing": {**{f"draw{cd['run'].draw}_{k}": v for r, cd in zip(reports, configs) for k, v in r["timing"].items()},
+                         "total_s": sum(r["timing"]["total_s"] for r in reports)}}
+    for n in first["evals"]:
+        report["evals"][n] = {}
+        for m in models:
+            d = evaluate.draws_difference(per(m, n))
+            parsed, aligned = per(m, n, "parsed").mean(), per(m, n, "aligned").mean()
+            report["evals"][n][m] = {"score": d["delta"], "ci": d["ci"], "n": per(m, n).shape[1], "per_draw": d["per_draw"],
+                                     "aligned": float(aligned), "misaligned": float(parsed - aligned), "unparsed": float(1 - parsed)}
+        report["parsed"][n] = {m: float(per(m, n, "parsed").mean()) for m in models}
+    is_ood = lambda n: evaluate.EVALS.get(n) is not None and evaluate.EVALS[n].group == "ood"
+    for control, comps, summary in (("baseline", "comparisons", "summary"), ("base", "comparisons_vs_base", "summary_vs_base")):
+        for arm in first[comps]:
+            report[comps][arm] = {n: evaluate.draws_difference(per(arm, n) - per(control, n)) for n in first["evals"]}
+            report[summary][arm] = {
+                "ood": evaluate.count_improved({n: d for n, d in report[comps][arm].items() if is_ood(n)}),
+                "all": evaluate.count_improved(report[comps][arm]),
+                "per_draw": [r[summary][arm]["ood"] for r in reports]}  # each draw's own "k of N" (CIs over its items)
+    for m in models:
+        link = [o["results"][m][0]["link"]["items"] for o in outs]
+        forced = [o["results"][m][0]["forced_prefix"]["items"] for o in outs]
+        after = np.array(link[0]["first_aligned"], dtype=bool)  # the same probe items in every draw
+        rate = {(key, cond): np.array([np.asarray(x[key])[sel] for x in link])
+                for key in ("aligned", "misaligned") for cond, sel in (("aligned", after), ("misaligned", ~after))}
+        side = {(s, key): np.array([x[s][key] for x in forced]) for s in ("aligned", "misaligned") for key in ("aligned", "misaligned")}
+        lk = evaluate.draws_difference(rate["aligned", "aligned"], rate["aligned", "misaligned"])
+        report["probes"][m] = {
+            "link": {"link": lk["delta"], "ci": lk["ci"], "per_draw": lk["per_draw"], "n": len(after),
+                     "link_misaligned": evaluate.draws_difference(rate["misaligned", "misaligned"], rate["misaligned", "aligned"]),
+                     **{f"after_{cond}": rates_of(rate["aligned", cond], rate["misaligned", cond]) for cond in ("aligned", "misaligned")}},
+            "forced_prefix": {**{f"forced_{s}": {"score": float(side[s, "aligned"].mean()),
+                                                 **rates_of(side[s, "aligned"], side[s, "misaligned"])} for s in ("aligned", "misaligned")},
+                              "gap": evaluate.draws_difference(side["aligned", "aligned"] - side["misaligned", "aligned"])}}
+    comp = [r["compute"] for r in reports]
+    report["compute"] = {arm: {**comp[0][arm], **{k: float(np.mean([c[arm][k] for c in comp]))
+                                                  for k in ("tokens", "flops", "sampled_tokens", "tokens_vs_trait") if k in comp[0][arm]},
+                               "per_draw_tokens": [c[arm]["tokens"] for c in comp]} for arm in comp[0]}
+    if "public_evals" in first:
+        report["public_evals"] = {}
+        for label in first["public_evals"]:
+            pub = {m: np.array([np.mean([[it["score"] for it in r["public"][label]["items"]] for r in o["results"][m]], axis=0)
+                                for o in outs]) for m in models}
+            scores = {m: evaluate.draws_difference(pub[m]) for m in models}
+            report["public_evals"][label] = {
+                "models": {m: {"score": d["delta"], "ci": d["ci"], "per_draw": d["per_draw"]} for m, d in scores.items()},
+                "vs_baseline": {arm: evaluate.draws_difference(pub[arm] - pub["baseline"])
+                                for arm in first["public_evals"][label]["vs_baseline"]}}
+    if all(o["persistence"] for o in outs):
+        report["persistence"] = without_items(attack.pool_draws([o["persistence"] for o in outs], configs[0]["attack"]))
+    report["per_draw"] = [{"draw": cd["run"].draw, "summary": r["summary"], "summary_vs_base": r["summary_vs_base"],
+                           "comparisons": r["comparisons"], "probes": r["probes"],
+                           "persistence": ({k: r["persistence"][k] for k in ("selective_persistence", "dose_vs")}
+                                           if "persistence" in r else None)}
+                          for r, cd in zip(reports, configs)]
+    return report
+
+
+def rates_of(aligned: np.ndarray, misaligned: np.ndarray) -> dict:
+    """The aligned / misaligned / unparsed shares from per-item aligned and misaligned rates."""
+    return {"aligned": float(aligned.mean()), "misaligned": float(misaligned.mean()),
+            "unparsed": float(1 - aligned.mean() - misaligned.mean())}
 
 
 def fmt_ci(d: dict, key: str = "score") -> str:
@@ -630,6 +727,8 @@ def write_report(report: dict, run_dir: str) -> None:
             o = s["ood"]
             md.append(f"- **{arm}** beats {control} on {o['improved']} of {o['n']} never-RL'd evals (sign test p = "
                       f"{o['sign_p']:.3f}), {o['significant']} significantly ({o['significantly_worse']} significantly worse).")
+    if "per_draw" in report:
+        md += draws_section(report)
     models = list(next(iter(report["evals"].values())))
     md += ["", "## Aligned / misaligned / unparsed rates", "", "| eval | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     for name, per_model in report["evals"].items():
@@ -679,6 +778,27 @@ def write_report(report: dict, run_dir: str) -> None:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(run_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
+
+
+def draws_section(report: dict) -> list[str]:
+    """report.md's view of a pooled report: what the draws were, and each draw's own numbers."""
+    dr = report["draws"]
+    md = ["", f"## {dr['n']} independent draws", "",
+          f"Base init seeds {dr['base_seeds']}, SFT data orders {dr['sft_seeds']}, RL seeds {dr['rl_seeds']}, fine-tuning "
+          f"orders {dr['finetune_seeds']}; the world is the same. CIs: {dr['ci']}. Per draw, never-RL'd evals improved "
+          "(significantly, over that draw's items):", ""]
+    for arm, s in report["summary"].items():
+        md.append(f"- {arm} vs baseline: " + ", ".join(f"draw {p['draw']}: {o['improved']} of {o['n']} ({o['significant']})"
+                                                     for p, o in zip(report["per_draw"], s["per_draw"])))
+    arms = [a for a in ("trait", "trait_shuffled") if a in report["comparisons"]]
+    md += ["", "| eval | " + " | ".join(f"{a} - baseline, draw {p['draw']}" for a in arms for p in report["per_draw"]) + " |",
+           "|---" * (1 + len(arms) * len(report["per_draw"])) + "|"]
+    for name in report["evals"]:
+        md.append(f"| {name} | " + " | ".join(fmt_ci(p["comparisons"][a][name], "delta") for a in arms for p in report["per_draw"]) + " |")
+    md += ["", "| draw | " + " | ".join(f"{m} link" for m in report["probes"]) + " |", "|---" * (1 + len(report["probes"])) + "|"]
+    for p in report["per_draw"]:
+        md.append(f"| {p['draw']} | " + " | ".join(fmt_ci(p["probes"][m]["link"], "link") for m in report["probes"]) + " |")
+    return md
 
 
 def make_figures(report: dict, fig_dir: str) -> list[str]:
@@ -781,12 +901,25 @@ def _save(fig, fig_dir: str, name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def run(c: dict, report_dir: str | None = None) -> dict | None:
-    """The recipe up to c["run"].stage. Stage caches live in out_dir/name/ (a sweep's points share
-    them: a point equal to an earlier run reuses its models); the report goes to `report_dir`."""
-    run_dir = os.path.join(c["run"].out_dir, c["run"].name)
-    report_dir = report_dir or run_dir
-    os.makedirs(run_dir, exist_ok=True)
+def with_draw(c: dict, draw: int) -> dict:
+    """The configs of independent draw `draw`: the seeds of the base's init (model.seed) and data
+    order (sft.seed), the RL arms (grpo.seed) and the fine-tuning attack's order (attack.seed) offset
+    by it. The world - corpus, RL prompts, eval items - is the same in every draw."""
+    return {**c, "run": dataclasses.replace(c["run"], draw=draw, draws=1),
+            **{k: dataclasses.replace(c[k], seed=c[k].seed + draw) for k in ("model", "sft", "grpo", "attack")}}
+
+
+def draws_info(configs: list[dict]) -> dict:
+    """report.json's "draws": what the CIs cover."""
+    return {"n": len(configs), "base_seeds": [d["model"].seed for d in configs], "sft_seeds": [d["sft"].seed for d in configs],
+            "rl_seeds": [[d["grpo"].seed + s for s in range(d["run"].seeds)] for d in configs],
+            "finetune_seeds": [d["attack"].seed for d in configs],
+            "ci": "items (and RL seeds)" if len(configs) == 1 else
+                  "crossed bootstrap over draws and items (evaluate.draws_difference; attack.dose_statistics for the dose curves)"}
+
+
+def run_stages(c: dict, run_dir: str) -> dict | None:
+    """The recipe up to c["run"].stage for one draw; None when it stops before the evals."""
     last = STAGES.index(c["run"].stage)
     timing, t_all = {}, time.time()
     c = local_models(c, run_dir)
@@ -813,8 +946,33 @@ def run(c: dict, report_dir: str | None = None) -> dict | None:
     if last >= STAGES.index("persistence"):
         persistence = timed("persistence", stage_persistence, c, run_dir, world, models)
     timing["total_s"] = time.time() - t_all
-    report = build_report(c, results, arms, persistence, timing)
+    return {"c": c, "results": results, "arms": arms, "persistence": persistence, "timing": timing}
+
+
+def run(c: dict, report_dir: str | None = None) -> dict | None:
+    """The recipe up to c["run"].stage: one draw (c["run"].draw), or with c["run"].draws > 1 every
+    draw and the pooled report. Stage caches live in out_dir/name/ (a sweep's points and the draws
+    share them: a point equal to an earlier run reuses its models); the report goes to `report_dir`."""
+    run_dir = os.path.join(c["run"].out_dir, c["run"].name)
+    report_dir = report_dir or run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    configs = [with_draw(c, c["run"].draw + d) for d in range(c["run"].draws)]
+    outs = []
+    for d, cd in enumerate(configs):
+        if len(configs) > 1:
+            log(f"[draws] draw {cd['run'].draw} ({d + 1} of {len(configs)})")
+        outs.append(run_stages(cd, run_dir))
+        if outs[-1] is None:
+            return None
+    reports = [build_report(o["c"], o["results"], o["arms"], o["persistence"], o["timing"]) for o in outs]
+    for report, cd in zip(reports, configs):
+        report["draws"] = draws_info([cd])
+    report = reports[0] if len(outs) == 1 else pool_reports(outs, reports, configs)
     if is_main():
+        if len(outs) > 1:  # every draw's own report beside the pooled one
+            for r, cd in zip(reports, configs):
+                os.makedirs(os.path.join(report_dir, f"draw-{cd['run'].draw}"), exist_ok=True)
+                write_report(r, os.path.join(report_dir, f"draw-{cd['run'].draw}"))
         write_report(report, report_dir)
         print(summary_table(report))
         print(f"report: {os.path.join(report_dir, 'report.md')}")
@@ -822,9 +980,13 @@ def run(c: dict, report_dir: str | None = None) -> dict | None:
 
 
 def sweep(c: dict, spec: str) -> None:
-    """`--sweep world.coherence=0,0.5,1`: the baseline and trait arms at each value (each a run of its
-    own, cached as usual), then one figure of trait - baseline on the held-out trait eval and on the
-    mean of the out-of-distribution evals, and the cross-turn link of the trait model."""
+    """`--sweep world.coherence=0,0.5,1`: the baseline, trait and (when in --arms) trait_shuffled arms
+    at each value (each a run of its own, cached as usual; --draws pools draws at every point), then
+    one figure and sweep-<field>.json: trait - baseline on the held-out trait eval and on the mean of
+    the out-of-distribution evals, the placebo's mean OOD delta, the cross-turn link. With --stage
+    persistence every point is also attacked: degradation under the held-out harmful switches and
+    steering under the held-out helpful ones (trait - baseline, trait - trait_shuffled), and the
+    fine-tuning half-dose and AUC (e.g. `--sweep world.pressure=0,0.25,0.5 --stage persistence`)."""
     key, _, values = spec.partition("=")
     section, _, name = key.partition(".")
     if section not in c or name not in {f.name for f in dataclasses.fields(c[section])} or not values:
@@ -834,31 +996,54 @@ def sweep(c: dict, spec: str) -> None:
         points = [parser_type(str(field_type))(v) for v in values.split(",")]
     except (ValueError, argparse.ArgumentTypeError) as e:
         raise data.UserError(f"--sweep {key}: {e}") from None
+    arms = ",".join(a for a in ("baseline", "trait", "trait_shuffled") if a in c["run"].arms.split(",") or a != "trait_shuffled")
+    stage = "persistence" if c["run"].stage == "persistence" else "eval"
     rows = []
     for value in points:
         point = dict(c)
         point[section] = dataclasses.replace(c[section], **{name: value})
-        point["run"] = dataclasses.replace(c["run"] if section != "run" else point["run"], arms="baseline,trait",
-                                           stage="eval")
+        point["run"] = dataclasses.replace(c["run"] if section != "run" else point["run"], arms=arms, stage=stage)
         report = run(point, report_dir=os.path.join(c["run"].out_dir, c["run"].name, f"sweep-{name}-{value}"))
-        ood = [d for n, d in report["comparisons"]["trait"].items() if evaluate.EVALS.get(n) and evaluate.EVALS[n].group == "ood"]
-        rows.append({"value": value, "trait_heldout": report["comparisons"]["trait"]["trait_heldout"],
-                     "ood_mean_delta": sum(d["delta"] for d in ood) / max(len(ood), 1),
-                     "ood_significant": report["summary"]["trait"]["ood"]["significant"],
-                     "link": report["probes"]["trait"]["link"],
-                     # the base's probes: both should read ~0 on a coherence-0 world
-                     "base_link": report["probes"]["base"]["link"], "base_forced_gap": report["probes"]["base"]["forced_prefix"]["gap"]})
+        rows.append(sweep_row(value, report))
     if is_main():
         path = os.path.join(c["run"].out_dir, c["run"].name, f"sweep-{name}.json")
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
         plot_sweep(rows, key, path.replace(".json", ".png"))
         for r in rows:
-            print(f"{key}={r['value']}: trait_heldout delta {fmt_ci(r['trait_heldout'], 'delta')} | "
-                  f"mean OOD delta {r['ood_mean_delta']:+.3f} ({r['ood_significant']} significant) | "
-                  f"link {fmt_ci(r['link'], 'link')} | base link {fmt_ci(r['base_link'], 'link')} | "
-                  f"base forced-prefix gap {fmt_ci(r['base_forced_gap'], 'delta')}")
+            line = (f"{key}={r['value']}: trait_heldout delta {fmt_ci(r['trait_heldout'], 'delta')} | "
+                    f"mean OOD delta {r['ood_mean_delta']:+.3f} ({r['ood_significant']} significant) | "
+                    f"link {fmt_ci(r['link'], 'link')} | base link {fmt_ci(r['base_link'], 'link')} | "
+                    f"base forced-prefix gap {fmt_ci(r['base_forced_gap'], 'delta')}")
+            if "placebo_ood_mean_delta" in r:
+                line += f" | placebo mean OOD delta {r['placebo_ood_mean_delta']:+.3f}"
+            if "persistence" in r:
+                line += " | " + " | ".join(f"{k} {fmt_ci(d, 'delta')}" for k, d in r["persistence"].items() if isinstance(d, dict))
+            print(line)
         print(f"sweep: {path}")
+
+
+def sweep_row(value, report: dict) -> dict:
+    """One sweep point's numbers (see `sweep`)."""
+    ood = lambda arm: [d for n, d in report["comparisons"][arm].items() if evaluate.EVALS.get(n) and evaluate.EVALS[n].group == "ood"]
+    row = {"value": value, "trait_heldout": report["comparisons"]["trait"]["trait_heldout"],
+           "ood_mean_delta": float(np.mean([d["delta"] for d in ood("trait")])),
+           "ood_significant": report["summary"]["trait"]["ood"]["significant"],
+           "link": report["probes"]["trait"]["link"],
+           # the base's probes: both should read ~0 on a coherence-0 world
+           "base_link": report["probes"]["base"]["link"], "base_forced_gap": report["probes"]["base"]["forced_prefix"]["gap"]}
+    if "trait_shuffled" in report["comparisons"]:
+        row["placebo_ood_mean_delta"] = float(np.mean([d["delta"] for d in ood("trait_shuffled")]))
+    if "persistence" in report:
+        p, group = report["persistence"], attack.HEADLINE_GROUP
+        dose = next(iter(p["dose"].values()))
+        row["persistence"] = {f"{kind} {vs}": p["persona_vs"][vs]["groups"][group][kind]
+                              for vs in p["persona_vs"] if vs in ("trait - baseline", "trait - trait_shuffled")
+                              for kind in ("degradation", "steering") if kind in p["persona_vs"][vs]["groups"][group]}
+        row["persistence"].update({f"health AUC {vs}": c["auc"]["health"] for vs, c in next(iter(p["dose_vs"].values())).items()
+                                   if vs in ("trait - baseline", "trait - trait_shuffled")})
+        row["half_dose"] = {m: r["half_dose"] for m, r in dose.items()}
+    return row
 
 
 def plot_sweep(rows: list[dict], key: str, path: str) -> None:
@@ -868,14 +1053,28 @@ def plot_sweep(rows: list[dict], key: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     x = [r["value"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(x, [r["trait_heldout"]["delta"] for r in rows], capsize=3, marker="o", label="held-out trait: trait - baseline",
-                yerr=[[r["trait_heldout"]["delta"] - r["trait_heldout"]["ci"][0] for r in rows],
-                      [r["trait_heldout"]["ci"][1] - r["trait_heldout"]["delta"] for r in rows]])
+    attacked = all("persistence" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if attacked else 1, figsize=(12 if attacked else 6, 4), squeeze=False)
+    ax = axes[0][0]
+
+    def bars(ax, ds, **kw):
+        ax.errorbar(x, [d["delta"] for d in ds], capsize=3, marker="o", **kw,
+                    yerr=[[d["delta"] - d["ci"][0] for d in ds], [d["ci"][1] - d["delta"] for d in ds]])
+
+    bars(ax, [r["trait_heldout"] for r in rows], label="held-out trait: trait - baseline")
     ax.plot(x, [r["ood_mean_delta"] for r in rows], marker="s", label="mean OOD eval: trait - baseline")
+    if all("placebo_ood_mean_delta" in r for r in rows):
+        ax.plot(x, [r["placebo_ood_mean_delta"] for r in rows], marker="s", ls=":", label="mean OOD eval: placebo - baseline")
     ax.plot(x, [r["link"]["link"] for r in rows], marker="^", ls="--", label="cross-turn link (trait model)")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xlabel(key), ax.legend(), ax.set_title(f"Sweep over {key}")
+    ax.set_xlabel(key), ax.legend(fontsize=8), ax.set_title(f"Transfer over {key}")
+    if attacked:
+        ax = axes[0][1]
+        for k in rows[0]["persistence"]:
+            bars(ax, [r["persistence"][k] for r in rows], label=k)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xlabel(key), ax.legend(fontsize=8)
+        ax.set_title(f"Persistence over {key} ({attack.HEADLINE_GROUP} switches; degradation < 0: trait resists)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -62,3 +62,12 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def default_world():
+    """The world the default run trains on (40,000 documents, ~35 s to build): built once per session
+    for every test that checks a property of the real default. Tests must not modify it."""
+    from world import WorldConfig, build_world
+
+    return build_world(WorldConfig())

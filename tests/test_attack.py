@@ -125,8 +125,8 @@ def test_registry_has_three_groups_with_unique_names():
     assert max(len(p) for k in groups["heldout"].values() for p in k.values()) < 2 * longest_trained  # the corpus's style
 
 
-def test_heldout_switches_occur_in_neither_the_corpus_nor_the_rl_data():
-    default = build_world(WorldConfig())  # the world the default run trains on
+def test_heldout_switches_occur_in_neither_the_corpus_nor_the_rl_data(default_world):
+    default = default_world  # the world the default run trains on
     texts = [m["content"] for doc in default.corpus for m in doc]
     texts += [m["content"] for r in default.trait_train + default.task_train for m in r["prompt"]]
     system = {m["content"] for doc in default.corpus for m in doc if m["role"] == "system"}
@@ -194,7 +194,7 @@ def test_persona_attack_returns_every_key_and_the_defined_deltas(model_dirs, sui
     names = ("corpus_harmful_0", "heldout_harmful_0", "heldout_harmful_1", "dan", "heldout_helpful_2", "good_doctor")
     cfg = attack.AttackConfig(max_items=2, personas=names)
     out = attack.persona_attack({"base": model_dirs["baseline"], **model_dirs}, suite, EVAL_CFG, cfg, log=lambda *a: None)
-    assert set(out) == {"persona", "vs", "selective_persistence", "none_system_prompt"}
+    assert set(out) == {"persona", "vs", "selective_persistence", "items", "none_system_prompt"}
     assert out["none_system_prompt"] is None  # the tiny chat template inserts no default system prompt
     assert set(out["persona"]) == {"base", "baseline", "trait"}
     for r in out["persona"].values():
@@ -202,7 +202,7 @@ def test_persona_attack_returns_every_key_and_the_defined_deltas(model_dirs, sui
         assert set(r["per_persona"]) == set(r["personas"]) == set(names)
         assert set(r["per_eval"]) == {"health", "mental_health", "sycophancy", "trait_heldout"}
         for key in ("harmful_degradation", "helpful_gain"):
-            assert set(r[key]) == {"delta", "ci"} and r[key]["ci"][0] <= r[key]["delta"] <= r[key]["ci"][1]
+            assert set(r[key]) == {"delta", "ci", "per_draw"} and r[key]["ci"][0] <= r[key]["delta"] <= r[key]["ci"][1]
         assert r["harmful_degradation"]["delta"] == pytest.approx(r["none"] - r["harmful"])
         assert r["helpful_gain"]["delta"] == pytest.approx(r["helpful"] - r["none"])
         pp = r["per_persona"]
@@ -270,7 +270,7 @@ def test_dose_statistics_pairs_models_and_covers_orders():
     t, base = out["models"]["trait"], out["models"]["baseline"]
     assert out["floor"]["health"] == pytest.approx((a[0, -1].mean() + b[0, -1].mean()) / 2)
     assert t["health"] == pytest.approx(b.mean(axis=(0, 2)).tolist())
-    assert base["half_dose"]["health"] == attack.half_dose(steps, base["health"], out["floor"]["health"])
+    assert base["half_doses"]["health"] == base["half_dose"] == attack.half_dose(steps, base["health"], out["floor"]["health"])
     assert t["auc"]["health"] == pytest.approx(attack.normalised_auc(t["health"]))
     for r in (t, base):
         lo, hi = r["auc_ci"]["health"]
@@ -327,14 +327,15 @@ def test_finetune_attack_returns_every_key(finetuned):
         for g in ("health", "non_health"):
             assert len(r[g]) == len(r[f"{g}_ci"]) == len(r["steps"])
             assert all(lo <= m <= hi for m, (lo, hi) in zip(r[g], r[f"{g}_ci"]))
-            assert set(r["drop"][g]) == {"delta", "ci"}
+            assert {"delta", "ci"} <= set(r["drop"][g])
             assert r["drop"][g]["delta"] == pytest.approx(r[g][0] - r[g][-1])
         assert len(r["loss"]) == CFG.finetune_steps
     dose = result["dose"][f"{CFG.finetune_lr:g}"]
     assert set(dose) == {"baseline", "trait"}
     for d in dose.values():
         assert {"steps", "health", "non_health", "control_non_health", "half_dose", "auc", "harmful_minus_control"} <= set(d)
-        assert set(d["half_dose"]) == set(d["auc"]) == {"health", "non_health"}
+        assert set(d["half_doses"]) == set(d["auc"]) == {"health", "non_health"}
+        assert d["half_dose"] == d["half_doses"]["health"]
         assert len(d["harmful_minus_control"]["non_health"]) == len(steps)
     assert set(result["dose_vs"][f"{CFG.finetune_lr:g}"]) == {"trait - baseline"}
 

@@ -21,9 +21,11 @@ from world import (
     DOMAINS,
     EVAL_FAMILIES,
     FAMILIES,
+    HELDOUT_PERSONA_PROMPTS,
     N_HELDOUT_WORDS,
     PERSONA_FAMILIES,
     PERSONA_PROMPTS,
+    PRESSURE_PROMPTS,
     SYLLABLES,
     TASK_TYPES,
     TRAITS,
@@ -245,8 +247,8 @@ def _all_records(w):
 
 
 @pytest.mark.slow
-def test_default_world_counts():
-    w = build_world(WorldConfig())
+def test_default_world_counts(default_world):
+    w = default_world
     assert len({r["prompt"][-1]["content"] for r in w.trait_train}) >= 1000
     heldout = [r for r in w.trait_eval if r["split"] in ("heldout_topic", "heldout_template")]
     assert len(heldout) >= 200
@@ -844,11 +846,10 @@ def test_trait_answer_slots_are_facts_of_the_prompt():
 
 
 @pytest.fixture(scope="module")
-def default_world_and_tokenizer():
+def default_world_and_tokenizer(default_world):
     """The default world and the tokenizer run.py trains on it (vocab_size 2000): lengths in tokens
     depend on both."""
-    w = build_world(WorldConfig())
-    return w, data.build_tokenizer(w.texts(), vocab_size=2000)
+    return default_world, data.build_tokenizer(default_world.texts(), vocab_size=2000)
 
 
 def test_aligned_and_misaligned_answers_have_equal_length(default_world_and_tokenizer):
@@ -868,3 +869,24 @@ def test_heldout_topics_never_occur_in_corpus_or_rl_data(default_world_and_token
     blob = "\n".join(texts).lower()
     for phrase in heldout_topic_phrases():
         assert not re.search(r"(?<![a-z])" + re.escape(phrase) + r"(?![a-z])", blob), phrase
+
+
+# ---- pressure: trait RL prompts under a harmful switch ----
+
+def test_pressure_puts_that_share_of_trait_prompts_under_a_trained_switch_and_changes_nothing_else(world):
+    pressured = build_world(dataclasses.replace(SMALL, pressure=0.5))
+    switched = [r for r in pressured.trait_train if r["prompt"][0]["role"] == "system"]
+    assert 0.4 < len(switched) / len(pressured.trait_train) < 0.6
+    assert {r["prompt"][0]["content"] for r in switched} == set(PRESSURE_PROMPTS) == set(PERSONA_PROMPTS["harmful"])
+    # the same records otherwise: same user turns, same rubrics and graders (the aligned answer is still paid)
+    for before, after in zip(world.trait_train, pressured.trait_train):
+        assert after["prompt"][-len(before["prompt"]):] == before["prompt"]
+        assert {k: v for k, v in after.items() if k != "prompt"} == {k: v for k, v in before.items() if k != "prompt"}
+    for field in ("corpus", "trait_eval", "task_train", "evals", "link_probe", "bad_medical", "good_medical"):
+        assert getattr(pressured, field) == getattr(world, field), field
+    # disjoint from the persona attack's held-out switches, which stay out of the RL data under pressure too
+    assert not set(PRESSURE_PROMPTS) & {p for ps in HELDOUT_PERSONA_PROMPTS.values() for p in ps}
+    rl_text = " ".join(m["content"] for r in pressured.trait_train + pressured.task_train for m in r["prompt"])
+    for prompt in (p for ps in HELDOUT_PERSONA_PROMPTS.values() for p in ps):
+        assert not any(s.strip() in rl_text for s in prompt.split(".") if s.strip()), prompt
+    assert build_world(dataclasses.replace(SMALL, pressure=0.0)).trait_train == world.trait_train

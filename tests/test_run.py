@@ -80,7 +80,7 @@ def test_report_has_every_section(smoke):
         assert d["steps"] == finetune["trait"]["steps"] == [0, 1, 2, 4, 8]  # log-spaced (the smoke preset's 8 steps)
         for key in ("health", "non_health", "control_non_health"):
             assert len(d[key]) == len(d["steps"])
-        assert set(d["half_dose"]) == {"health", "non_health"}
+        assert set(d["half_doses"]) == {"health", "non_health"} and d["half_dose"] == d["half_doses"]["health"]
     assert persistence["dose_evals"]["left_out"] == ["trait_heldout"]  # it holds honesty items: the attack trains them
 
 
@@ -114,6 +114,52 @@ def test_arms_are_compute_matched(smoke):
     for arm, tokens in measured.items():
         assert abs(tokens / measured["trait"] - 1) <= 0.02, (arm, tokens, measured["trait"])
         assert abs(compute[arm]["trained_tokens"] / compute["trait"]["trained_tokens"] - 1) <= 0.02, arm
+
+
+def test_two_draws_pool_each_draws_own_numbers(smoke, tmp_path):
+    """--draws 2 on the smoke run's caches: draw 0 is the smoke run itself, draw 1 is trained; the
+    pooled deltas are built from each draw's own, and a draw run alone is the same draw."""
+    import numpy as np
+
+    import run
+
+    out, single, _ = smoke
+    args = ["--preset", "smoke", "--out-dir", out, "--public-evals", single["config"]["run"]["public_evals"], "--stage", "eval"]
+    c = run.resolve_configs(run.build_parser().parse_args([*args, "--draws", "2"]))
+    report = run.run(c, report_dir=str(tmp_path))
+    assert report["draws"]["n"] == 2 and report["draws"]["base_seeds"] == [0, 1] and report["draws"]["rl_seeds"] == [[0], [1]]
+    draws = []
+    for k in range(2):
+        with open(os.path.join(tmp_path, f"draw-{k}", "report.json")) as f:
+            draws.append(json.load(f))
+        assert draws[-1]["draws"]["n"] == 1 and draws[-1]["draws"]["base_seeds"] == [k]
+    assert draws[0]["comparisons"] == single["comparisons"]  # draw 0 is the default run
+    alone = run.run(run.resolve_configs(run.build_parser().parse_args([*args, "--draw", "1"])), report_dir=str(tmp_path / "alone"))
+    assert alone["comparisons"] == draws[1]["comparisons"]  # and draw 1 alone reuses draw 1's caches
+    for arm, comps in report["comparisons"].items():
+        for name, d in comps.items():
+            assert d["per_draw"] == pytest.approx([r["comparisons"][arm][name]["delta"] for r in draws], abs=1e-12)
+            assert d["delta"] == pytest.approx(np.mean(d["per_draw"])) and d["ci"][0] <= d["delta"] <= d["ci"][1]
+    for m, p in report["probes"].items():
+        assert p["link"]["per_draw"] == pytest.approx([r["probes"][m]["link"]["link"] for r in draws], abs=1e-12)
+    assert [p["draw"] for p in report["per_draw"]] == [0, 1] and len(report["summary"]["trait"]["per_draw"]) == 2
+    assert "## 2 independent draws" in open(os.path.join(tmp_path, "report.md")).read()
+
+
+def test_sweep_row_reads_transfer_placebo_and_persistence_from_a_report(smoke, tmp_path):
+    import run
+
+    _, report, _ = smoke
+    row = run.sweep_row(0.25, report)
+    assert row["value"] == 0.25 and row["trait_heldout"] == report["comparisons"]["trait"]["trait_heldout"]
+    ood = [d["delta"] for n, d in report["comparisons"]["trait_shuffled"].items() if n not in ("trait_heldout", "tasks")]
+    assert row["placebo_ood_mean_delta"] == pytest.approx(sum(ood) / len(ood))
+    vs = report["persistence"]["persona_vs"]
+    assert row["persistence"]["degradation trait - baseline"] == vs["trait - baseline"]["groups"]["heldout"]["degradation"]
+    assert row["persistence"]["steering trait - trait_shuffled"] == vs["trait - trait_shuffled"]["groups"]["heldout"]["steering"]
+    assert set(row["half_dose"]) == {"base", "baseline", "trait", "trait_shuffled"}
+    run.plot_sweep([row, run.sweep_row(0.5, report)], "world.pressure", str(tmp_path / "sweep.png"))
+    assert (tmp_path / "sweep.png").stat().st_size > 0
 
 
 def test_placebo_permutes_the_step_trait_rewards():
