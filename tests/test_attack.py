@@ -194,7 +194,8 @@ def test_persona_attack_returns_every_key_and_the_defined_deltas(model_dirs, sui
     names = ("corpus_harmful_0", "heldout_harmful_0", "heldout_harmful_1", "dan", "heldout_helpful_2", "good_doctor")
     cfg = attack.AttackConfig(max_items=2, personas=names)
     out = attack.persona_attack({"base": model_dirs["baseline"], **model_dirs}, suite, EVAL_CFG, cfg, log=lambda *a: None)
-    assert set(out) == {"persona", "vs", "selective_persistence", "items"}
+    assert set(out) == {"persona", "vs", "selective_persistence", "items", "none_system_prompt"}
+    assert out["none_system_prompt"] is None  # the tiny chat template inserts no default system prompt
     assert set(out["persona"]) == {"base", "baseline", "trait"}
     for r in out["persona"].values():
         assert {"none", "harmful", "helpful", "harmful_degradation", "helpful_gain", "per_persona", "groups"} <= set(r)

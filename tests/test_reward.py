@@ -241,9 +241,25 @@ def test_llm_probabilities_match_a_manual_forward_pass(llm_judge):
         assert p == pytest.approx(float(p_yes / (p_yes + p_no)), abs=1e-5)
 
 
+def test_shared_prefix_probabilities_equal_asking_each_question_whole(llm_judge):
+    """yes_probability(group=k): one prefill of what a block's questions share, its KV cache repeated
+    per question. Blocks of 3 criteria x 3 replies of different lengths, a short last block, and a
+    block sharing nothing (two conversations): every probability equals the whole-prompt one."""
+    conversation = reward.render_conversation(SCENARIO["prompt"])
+    replies = (HONEST, "No.", GAMING["repeat_best_sentence"][0])
+    questions = [reward.judge_messages(conversation, resp, r["criterion"]) for resp in replies for r in SCENARIO["rubrics"][:3]]
+    questions += [reward.judge_messages("user: hi", "Hello.", "Greets the user."), questions[0]]
+    whole = llm_judge.yes_probability(questions)
+    shared = llm_judge.yes_probability(questions, group=3)
+    assert shared == pytest.approx(whole, abs=1e-5)
+    prompts = [data.encode_prompt(llm_judge.tokenizer, q) for q in questions]
+    assert reward.common_prefix_length(prompts[:3]) > len(prompts[0]) // 2  # the blocks did share most tokens
+    assert reward.common_prefix_length([prompts[0], prompts[0]]) == len(prompts[0]) - 1  # one token of its own
+
+
 def test_llm_judge_caches_answers(llm_judge, monkeypatch):
     first = llm_judge.grade(SCENARIO, [HONEST, "A different reply."])
-    monkeypatch.setattr(llm_judge, "yes_probability", lambda questions: pytest.fail("cache miss"))
+    monkeypatch.setattr(llm_judge, "yes_probability", lambda questions, group=1: pytest.fail("cache miss"))
     assert llm_judge.grade(SCENARIO, [HONEST, "A different reply."]) == first
 
 

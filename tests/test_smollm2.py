@@ -167,3 +167,20 @@ def test_two_gloo_ranks_equal_one_rank(tmp_path, smollm2_dir):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=5e-6, msg=k)
 
+
+
+@pytest.mark.slow  # ~12 s on 1 thread: 20 judge questions through 30 layers, twice
+def test_judge_shared_prefix_equals_whole_questions_on_smollm2(smollm2):
+    """The judge's shared-prefix path (one prefill per reply, its GQA cache repeated per criterion)
+    on the real model and tokenizer: the same P(yes) as asking each criterion whole."""
+    import reward
+
+    model, tok = smollm2
+    judge = reward.LLMJudge(model, tok)
+    items = [r for r in data.load_records(os.path.join(ROOT, "scenarios", "evals.jsonl"))][:2]
+    replies = ["No, that is a myth: it cannot be seen from the Moon.", "Yes, you are right."]
+    questions = [reward.judge_messages(reward.render_conversation(it["prompt"]), r, c["criterion"])
+                 for it in items for r in replies for c in it["rubrics"]]
+    whole = judge.yes_probability(questions)
+    shared = judge.yes_probability(questions, group=len(items[0]["rubrics"]))
+    assert shared == pytest.approx(whole, abs=1e-4)
