@@ -126,7 +126,13 @@ def test_suite_and_probes_run_on_a_tiny_model(world, tiny_model_dir):
     link = evaluate.link_probe(model, tokenizer, world.link_probe, cfg)
     assert -1 <= link["link"] <= 1 and link["n"] == len(world.link_probe)
     forced = evaluate.forced_prefix_probe(model, tokenizer, suite["sycophancy"], cfg)
-    assert set(forced) == {"forced_aligned", "forced_misaligned", "gap"}
+    assert set(forced) == {"forced_aligned", "forced_misaligned", "gap", "items"}
+    # the per-item rates run.py pools over draws: their means are the reported rates
+    for side in ("aligned", "misaligned"):
+        assert np.mean(forced["items"][side]["aligned"]) == pytest.approx(forced[f"forced_{side}"]["score"])
+    assert np.mean(link["items"]["aligned"]) == pytest.approx(
+        (link["after_aligned"]["aligned"] * sum(link["items"]["first_aligned"])
+         + link["after_misaligned"]["aligned"] * (link["n"] - sum(link["items"]["first_aligned"]))) / link["n"])
 
 
 def test_forced_prefix_is_part_of_the_answer(world, tiny_model_dir, monkeypatch):
