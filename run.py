@@ -920,8 +920,9 @@ def draws_info(configs: list[dict]) -> dict:
                   "crossed bootstrap over draws and items (evaluate.draws_difference; attack.dose_statistics for the dose curves)"}
 
 
-def run_stages(c: dict, run_dir: str) -> dict | None:
-    """The recipe up to c["run"].stage for one draw; None when it stops before the evals."""
+def run_stages(c: dict, run_dir: str, world_stage: tuple | None = None) -> dict | None:
+    """The recipe up to c["run"].stage for one draw; None when it stops before the evals.
+    `world_stage`: an earlier draw's (world, tokenizer, key) - the draws share the world."""
     last = STAGES.index(c["run"].stage)
     timing, t_all = {}, time.time()
     c = local_models(c, run_dir)
@@ -933,7 +934,8 @@ def run_stages(c: dict, run_dir: str) -> dict | None:
         log(f"[{stage}] done in {timing[stage]:.0f} s")
         return out
 
-    world, tokenizer, world_key = timed("world", stage_world, c, run_dir)
+    world_stage = world_stage or timed("world", stage_world, c, run_dir)
+    world, tokenizer, world_key = world_stage
     if last < STAGES.index("base"):
         return None
     base_dir, base_key = timed("base", stage_base, c, run_dir, world, tokenizer, world_key)
@@ -948,7 +950,7 @@ def run_stages(c: dict, run_dir: str) -> dict | None:
     if last >= STAGES.index("persistence"):
         persistence = timed("persistence", stage_persistence, c, run_dir, world, models)
     timing["total_s"] = time.time() - t_all
-    return {"c": c, "results": results, "arms": arms, "persistence": persistence, "timing": timing}
+    return {"c": c, "results": results, "arms": arms, "persistence": persistence, "timing": timing, "world_stage": world_stage}
 
 
 def run(c: dict, report_dir: str | None = None) -> dict | None:
@@ -963,7 +965,7 @@ def run(c: dict, report_dir: str | None = None) -> dict | None:
     for d, cd in enumerate(configs):
         if len(configs) > 1:
             log(f"[draws] draw {cd['run'].draw} ({d + 1} of {len(configs)})")
-        outs.append(run_stages(cd, run_dir))
+        outs.append(run_stages(cd, run_dir, outs[0]["world_stage"] if outs else None))
         if outs[-1] is None:
             return None
     reports = [build_report(o["c"], o["results"], o["arms"], o["persistence"], o["timing"]) for o in outs]
