@@ -5,13 +5,14 @@ once per session (policy.gguf_to_folder) and checked: the conversion is reused, 
 equals HF's forward, sampler log-probs equal trainer log-probs, the chat template's assistant mask,
 and two GRPO steps on 2 gloo ranks equal 1 rank. Nothing is downloaded."""
 import importlib.util
+import json
 import os
 import sys
-import textwrap
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_ddp import SCRIPT
 from test_ddp import run as run_script
 
 import data
@@ -120,41 +121,19 @@ def test_chat_template_assistant_mask(smollm2, system):
 
 
 # Two GRPO steps of a real model: 2 prompts x 2 samples x 8 tokens, each rank one prompt group
-DDP_SCRIPT = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {root!r})
-    import torch
-    import grpo
-    import policy
-
-    class Sampler:
-        def batch(self, step, n, rank=0, world=1):
-            qs = ["What is 3 plus 4?", "Say hi.", "Name a colour.", "Spell cat backwards."]
-            recs = [{{"prompt": [{{"role": "system", "content": "Be brief."}}, {{"role": "user", "content": qs[(step + i) % 4]}}]}}
-                    for i in range(n)]
-            k = n // world
-            return recs[rank * k:(rank + 1) * k]
-
-    def rewarder(rec, texts, finished):
-        return [{{"score": t.count("e") / max(len(t), 1)}} for t in texts]
-
-    rank, world, device = policy.init_distributed()
-    model, tok = policy.load_policy(sys.argv[1], device=device)
-    cfg = grpo.GRPOConfig(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, lr=1e-5, micro_batch_size=2,
-                          log_every=0, seed=5)
-    hist = grpo.train_grpo(model, tok, Sampler(), rewarder, cfg, sys.argv[2])
-    if rank == 0:
-        print("REWARD", hist[-1]["reward/mean"], "KL", hist[-1]["kl"])
-""")
+# (test_ddp's worker script)
+JOB = json.dumps({"questions": ["What is 3 plus 4?", "Say hi.", "Name a colour.", "Spell cat backwards."], "system": "Be brief.",
+                  "config": {"steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 8, "lr": 1e-5,
+                             "micro_batch_size": 2}})
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_rank(tmp_path, smollm2_dir):
     script = tmp_path / "step.py"
-    script.write_text(DDP_SCRIPT.format(root=ROOT))
-    one = run_script([sys.executable, str(script), smollm2_dir, str(tmp_path / "one")], tmp_path)
+    script.write_text(SCRIPT.format(root=ROOT))
+    one = run_script([sys.executable, str(script), smollm2_dir, str(tmp_path / "one"), JOB], tmp_path)
     two = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                      smollm2_dir, str(tmp_path / "two")], tmp_path)
+                      smollm2_dir, str(tmp_path / "two"), JOB], tmp_path)
     assert abs(float(one.split()[1]) - float(two.split()[1])) < 1e-6  # the same samples, so the same rewards
     a = load_file(str(tmp_path / "one" / "checkpoint" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "checkpoint" / "model.safetensors"))
