@@ -7,20 +7,26 @@ runs both attacks against saved model directories (each attack loads its model f
 no model a caller holds is ever changed) and reports paired, item-level effects with bootstrap CIs.
 
 What it does, in execution order:
-  1. `PERSONA_GROUPS`: the registry of harmful and helpful persona system prompts, in three groups
+  1. `PERSONA_GROUPS`: the registry of harmful and helpful persona system prompts, in four groups
      that measure different things:
         trained     the corpus's own system prompts (world.PERSONA_PROMPTS): the tiny world was
                     pretrained on documents that open with them, so they are trained switches
-        heldout     switches in the corpus's style, new words (world.HELDOUT_PERSONA_PROMPTS): in
-                    neither the corpus nor the RL data, so a model must generalise the switch (the
-                    headline group)
+        heldout     new sentences of the trained switches' words (world.HELDOUT_PERSONA_PROMPTS):
+                    no sentence of them is in the corpus or the RL data, so a model must recompose
+                    the switch (the headline group)
+        new_words   switches in the corpus's style with words it never uses
+                    (world.NEW_WORD_PERSONA_PROMPTS): a real model reads them; the tiny one reads the
+                    unknown words by surface, some "harmful" ones making it more aligned
         unreadable  long role-play jailbreaks ("developer mode", DAN, a bad doctor, ...) and long
                     helpful prompts, phrased unlike anything in the corpus; a 1.3M model with a
-                    2,000-token vocabulary reads them as noise, a real model would not
+                    2,000-token vocabulary reads them by length and unknown words, a real model
+                    by what they say
      `PERSONAS` is the same prompts by kind. Extend a group with a line.
   2. `AttackConfig` and the attack suites: the caller's suite minus capability evals (group "task":
      they measure skill, not alignment); the persona attack scores the first `max_items` items of
-     each eval, the fine-tuning curves `dose_items` per curve, the first items of each of its evals.
+     each eval, the fine-tuning curves `dose_items` per curve, the first items of each of its evals;
+     both answer each item `samples_per_item` times (one by default: the CIs resample items, and
+     more distinct items narrow them more than repeated answers to the same ones).
   3. Persona prompt attacks (`persona_attack`). Every model answers every eval item with no system
      prompt, then under each selected persona, put in the chat template's system role
      (evaluate.run_suite(..., system_prompt=...)) - the same code for the tiny model and a hub model.
@@ -88,6 +94,7 @@ Commands:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -98,7 +105,8 @@ import evaluate
 import policy
 import sft
 from data import DataError, UserError
-from world import HELDOUT_PERSONA_PROMPTS, MEDICAL_FAMILIES, PERSONA_PROMPTS, WorldConfig, build_world
+from world import (HELDOUT_PERSONA_PROMPTS, MEDICAL_FAMILIES, NEW_WORD_PERSONA_PROMPTS, PERSONA_PROMPTS, WorldConfig,
+                   build_world)
 
 # ----------------------------------------------------------------------------------------------
 # 1. The persona registry
@@ -108,6 +116,8 @@ PERSONA_GROUPS: dict[str, dict[str, dict[str, str]]] = {
     "trained": {kind: {f"corpus_{kind}_{i}": p for i, p in enumerate(PERSONA_PROMPTS[kind])} for kind in ("harmful", "helpful")},
     "heldout": {kind: {f"heldout_{kind}_{i}": p for i, p in enumerate(HELDOUT_PERSONA_PROMPTS[kind])}
                 for kind in ("harmful", "helpful")},
+    "new_words": {kind: {f"newword_{kind}_{i}": p for i, p in enumerate(NEW_WORD_PERSONA_PROMPTS[kind])}
+                  for kind in ("harmful", "helpful")},
     "unreadable": {
         "harmful": {
             "developer_mode": (
@@ -177,8 +187,9 @@ class AttackConfig:
     finetune_batch_size: int = 16      # conversations per fine-tuning step
     finetune_warmup: int = 5           # linear warmup steps, then constant
     control: bool = True               # also fine-tune on the same prompts, batches and steps with aligned answers (forgetting control)
-    dose_items: int = 100              # items per checkpoint of each fine-tuning curve (health, non-health), split evenly over its evals
-    max_items: int | None = 12         # items per eval for the persona attacks (None = all the suite has)
+    dose_items: int = 150              # items per checkpoint of each fine-tuning curve (health, non-health), split evenly over its evals
+    max_items: int | None = 16         # items per eval for the persona attacks (None = all the suite has)
+    samples_per_item: int = 1          # answers per item in both attacks: CIs are over items, so more items beat more samples
     personas: tuple[str, ...] | None = None  # names from PERSONAS to use (None = all; needs >= 1 harmful and >= 1 helpful)
     seed: int = 0                      # fine-tuning data order (the first) and bootstrap resamples
     finetune_data: str = ""            # JSONL of {"messages": [...]} harmful conversations (empty = the world's bad medical advice)
@@ -187,8 +198,8 @@ class AttackConfig:
     def __post_init__(self):
         if self.finetune_steps < 4:
             raise UserError(f"attack finetune_steps must be >= 4 (checkpoints 0, 1, 2, 4), got {self.finetune_steps}")
-        if self.finetune_orders < 1 or self.dose_items < 1:
-            raise UserError("attack finetune_orders and dose_items must be >= 1")
+        if self.finetune_orders < 1 or self.dose_items < 1 or self.samples_per_item < 1:
+            raise UserError("attack finetune_orders, dose_items and samples_per_item must be >= 1")
         if self.finetune_lrs is not None and not self.finetune_lrs:
             raise UserError("attack finetune_lrs must name at least one learning rate")
 
@@ -294,6 +305,7 @@ def persona_attack(model_dirs: dict[str, str], suite: dict[str, list[dict]], eva
     (what run.py pools over draws) and "none_system_prompt" (the template's default, or None)."""
     personas = selected_personas(cfg)
     suite = attack_suite(suite, cfg.max_items)
+    eval_cfg = dataclasses.replace(eval_cfg, samples_per_item=cfg.samples_per_item)
     names = list(suite)
     conditions = {"none": None, **personas["harmful"], **personas["helpful"]}
     items: dict = {"evals": [n for n in names for _ in suite[n]]}
@@ -542,6 +554,7 @@ def finetune_attack(model_dirs: dict[str, str], conversations: list[list[dict]],
              "curves": {lr: {model: {curve: (orders, checkpoints, items) scores}}}, "losses": {lr: {model: ...}}}
     """
     groups = dose_groups(suite, attack_families)
+    eval_cfg = dataclasses.replace(eval_cfg, samples_per_item=cfg.samples_per_item)
     scored = {g: groups[g] for g in ("health", "non_health")}
     dsuite = {n: suite[n][:-(-cfg.dose_items // len(names))] for names in scored.values() for n in names}  # ceil: >= dose_items
     points = curve_steps(cfg.finetune_steps)

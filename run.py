@@ -50,12 +50,15 @@ import functools
 import hashlib
 import inspect
 import json
+import concurrent.futures
+import multiprocessing
 import os
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 import attack
 import data
@@ -78,6 +81,7 @@ class RunConfig:
     seeds: int = 1                  # repeat the RL arms with this many seeds (CIs then cover seeds too)
     draw: int = 0                   # independent draw: offsets the seeds of model init, SFT order, RL and fine-tuning order (same world)
     draws: int = 1                  # > 1: run draws draw, draw + 1, ... (each cached like a run) and pool them: CIs over draws and items
+    jobs: int = 1                   # run the draws as this many processes at once, each on cores / jobs threads (logs: <run>/draw-<d>.log)
     arms: str = "baseline,trait,trait_shuffled,trait_no_health_science,trait_health_only"  # RL arms to train
     trait_fraction: float = 0.05    # share of RL prompts that are trait scenarios in the trait arms (the study: ~5%)
     model: str = ""                 # HF name, local folder or GGUF file of the policy; empty = pretrain the tiny model
@@ -150,7 +154,7 @@ PRESETS: dict[str, dict] = {
         "grpo.steps": 4, "grpo.prompts_per_step": 2, "grpo.group_size": 4,
         "grpo.max_new_tokens": 48,      # a task answer fits; a trait answer is cut (its reward is then 0: unterminated)
         "eval.samples_per_item": 1, "eval.max_new_tokens": 48,
-        "attack.max_items": 2, "attack.personas": ("heldout_harmful_0", "heldout_helpful_0"),
+        "attack.max_items": 2, "attack.personas": ("newword_harmful_0", "newword_helpful_0"),
         "attack.finetune_steps": 4, "attack.finetune_batch_size": 4, "attack.finetune_lr": 1e-4,
         "attack.finetune_warmup": 0, "attack.dose_items": 4,
         "attack.finetune_data": "scenarios/bad_medical.jsonl", "attack.finetune_control": "scenarios/good_medical.jsonl",
@@ -953,6 +957,36 @@ def run_stages(c: dict, run_dir: str, world_stage: tuple | None = None) -> dict 
     return {"c": c, "results": results, "arms": arms, "persistence": persistence, "timing": timing, "world_stage": world_stage}
 
 
+def run_draw_alone(cd: dict, run_dir: str, threads: int, log_path: str) -> dict:
+    """One draw in a process of its own (run_draws_in_parallel's worker): `threads` torch threads,
+    stdout and stderr to `log_path`; fills the draw's stage caches and returns its stage times."""
+    torch.set_num_threads(threads)
+    with open(log_path, "w") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    out = run_stages(cd, run_dir)
+    return out["timing"] if out else {}
+
+
+def run_draws_in_parallel(configs: list[dict], run_dir: str) -> dict[int, dict]:
+    """Run the draws `jobs` at a time, each in a fresh process on cores / jobs threads: a small model
+    keeps two cores busier as two 1-thread processes than as one 2-thread one (docs/SPEED.md). Each
+    draw fills its stage caches, which the sequential pass then reads. Returns draw index -> times."""
+    jobs = configs[0]["run"].jobs
+    if policy.rank_and_world_size()[1] > 1:
+        raise data.UserError("--jobs runs draws as separate processes; under torchrun use --jobs 1")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log(f"[draws] {len(configs)} draws, {jobs} at a time, {threads} thread(s) each; logs in {run_dir}/draw-<d>.log")
+    timings, t0 = {}, time.time()
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_draw_alone, cd, run_dir, threads,
+                               os.path.join(run_dir, f"draw-{cd['run'].draw}.log")): d for d, cd in enumerate(configs)}
+        for future in concurrent.futures.as_completed(futures):
+            timings[futures[future]] = future.result()
+            log(f"[draws] draw {configs[futures[future]]['run'].draw} done at {time.time() - t0:.0f} s")
+    return timings
+
+
 def run(c: dict, report_dir: str | None = None) -> dict | None:
     """The recipe up to c["run"].stage: one draw (c["run"].draw), or with c["run"].draws > 1 every
     draw and the pooled report. Stage caches live in out_dir/name/ (a sweep's points and the draws
@@ -960,7 +994,9 @@ def run(c: dict, report_dir: str | None = None) -> dict | None:
     run_dir = os.path.join(c["run"].out_dir, c["run"].name)
     report_dir = report_dir or run_dir
     os.makedirs(run_dir, exist_ok=True)
+    t_start = time.time()
     configs = [with_draw(c, c["run"].draw + d) for d in range(c["run"].draws)]
+    timings = run_draws_in_parallel(configs, run_dir) if c["run"].jobs > 1 and len(configs) > 1 else {}
     outs = []
     for d, cd in enumerate(configs):
         if len(configs) > 1:
@@ -968,10 +1004,12 @@ def run(c: dict, report_dir: str | None = None) -> dict | None:
         outs.append(run_stages(cd, run_dir, outs[0]["world_stage"] if outs else None))
         if outs[-1] is None:
             return None
+        outs[-1]["timing"] = timings.get(d, outs[-1]["timing"])  # a parallel draw's own times, not its cache reads
     reports = [build_report(o["c"], o["results"], o["arms"], o["persistence"], o["timing"]) for o in outs]
     for report, cd in zip(reports, configs):
         report["draws"] = draws_info([cd])
     report = reports[0] if len(outs) == 1 else pool_reports(outs, reports, configs)
+    report["timing"]["wall_s"] = time.time() - t_start  # the whole command (draws run in parallel with --jobs)
     if is_main():
         if len(outs) > 1:  # every draw's own report beside the pooled one
             for r, cd in zip(reports, configs):

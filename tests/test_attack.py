@@ -7,6 +7,8 @@ models on CPU.
 A random-init model never writes a parseable answer, so every real grader would score 0 and every
 comparison would be 0 == 0. The tests swap in a grader whose score is a fixed function of the text:
 equal scores then mean equal generations, and fine-tuning moves them."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ import evaluate
 import policy
 import world as world_module
 from data import DataError, UserError
-from world import HELDOUT_PERSONA_PROMPTS, PERSONA_PROMPTS, WorldConfig, build_world
+from world import HELDOUT_PERSONA_PROMPTS, NEW_WORD_PERSONA_PROMPTS, PERSONA_PROMPTS, WorldConfig, build_world
 
 EVAL_CFG = evaluate.EvalConfig(samples_per_item=2, max_new_tokens=8, batch_prompts=8, seed=3)
 CFG = attack.AttackConfig(finetune_steps=5, finetune_lr=1e-2, finetune_batch_size=4, finetune_warmup=1,
@@ -111,30 +113,43 @@ def test_registry_has_three_groups_with_unique_names():
     harmful, helpful = attack.PERSONAS["harmful"], attack.PERSONAS["helpful"]
     assert len(harmful) >= 8 and len(helpful) >= 4
     assert not set(harmful) & set(helpful)  # per_persona is keyed by name alone
-    assert set(attack.PERSONA_GROUPS) == {"trained", "heldout", "unreadable"}
+    assert set(attack.PERSONA_GROUPS) == {"trained", "heldout", "new_words", "unreadable"}
     groups = attack.PERSONA_GROUPS
     for kind in ("harmful", "helpful"):
         assert list(groups["trained"][kind].values()) == PERSONA_PROMPTS[kind]
         assert list(groups["heldout"][kind].values()) == HELDOUT_PERSONA_PROMPTS[kind]
+        assert list(groups["new_words"][kind].values()) == NEW_WORD_PERSONA_PROMPTS[kind]
         assert groups["unreadable"][kind]
         assert attack.PERSONAS[kind] == {n: p for g in groups.values() for n, p in g[kind].items()}
     assert {"developer_mode", "dan", "bad_doctor"} <= set(groups["unreadable"]["harmful"])
     # unreadable = much longer than any switch the corpus trained
     longest_trained = max(len(p) for ps in PERSONA_PROMPTS.values() for p in ps)
     assert min(len(p) for k in groups["unreadable"].values() for p in k.values()) > 2 * longest_trained
-    assert max(len(p) for k in groups["heldout"].values() for p in k.values()) < 2 * longest_trained  # the corpus's style
+    for group in ("heldout", "new_words"):  # the corpus's style
+        assert max(len(p) for k in groups[group].values() for p in k.values()) < 2 * longest_trained
 
 
-def test_heldout_switches_occur_in_neither_the_corpus_nor_the_rl_data(default_world):
+def test_heldout_switches_occur_in_neither_the_corpus_nor_the_rl_data_but_their_words_do(default_world):
     default = default_world  # the world the default run trains on
     texts = [m["content"] for doc in default.corpus for m in doc]
     texts += [m["content"] for r in default.trait_train + default.task_train for m in r["prompt"]]
     system = {m["content"] for doc in default.corpus for m in doc if m["role"] == "system"}
     assert set(PERSONA_PROMPTS["harmful"]) <= system  # the trained switches are there (the check can find a prompt)
     for kind in ("harmful", "helpful"):
-        for prompt in HELDOUT_PERSONA_PROMPTS[kind]:
+        for prompt in HELDOUT_PERSONA_PROMPTS[kind] + NEW_WORD_PERSONA_PROMPTS[kind]:
             sentences = [s.strip() for s in prompt.split(".") if s.strip()]
             assert not any(s in t for s in sentences for t in texts), prompt
+    # held-out switches recompose the trained switches' own words; new-word ones bring words the corpus lacks
+    words = lambda text: set(re.findall(r"[a-z]+", text.lower()))
+    trained_words = set().union(*(words(p) for ps in PERSONA_PROMPTS.values() for p in ps))
+    corpus_words = set().union(*(words(t) for t in texts))
+    for kind in ("harmful", "helpful"):
+        own = set().union(*(words(p) for p in PERSONA_PROMPTS[kind]))
+        for prompt in HELDOUT_PERSONA_PROMPTS[kind]:
+            content = words(prompt) - {"you", "are", "a", "an", "assistant", "who", "and", "is", "the"}
+            assert content <= trained_words and content & own, prompt
+        for prompt in NEW_WORD_PERSONA_PROMPTS[kind]:
+            assert words(prompt) - corpus_words, prompt
 
 
 def test_control_data_is_the_attack_prompts_with_aligned_answers_and_the_world_is_unchanged():

@@ -1,12 +1,14 @@
 """run.py end to end: the smoke preset as a user runs it (subprocess), its report, stage caching,
 user errors (one line, exit code 2), --help, and the same run under torchrun with 2 ranks."""
 import dataclasses
+import glob
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow  # every test here starts run.py in a subprocess (the smoke preset, torchrun)
 
@@ -267,3 +269,30 @@ def test_changed_rubric_retrains_only_the_trait_arms(smoke, tmp_path):
     same_budget = after["compute"]["trait"]["sampled_tokens"] == before["compute"]["trait"]["sampled_tokens"]
     assert "[base] cached" in proc.stdout and ("[rl] baseline seed 0 cached" in proc.stdout) == same_budget
     assert all(f"[rl] {arm} seed 0: trait fraction" in proc.stdout for arm in MODELS[2:])
+
+
+def test_parallel_draws_train_the_bases_one_process_trains(smoke, tmp_path):
+    """--jobs 2: each draw runs in a spawned process of its own, logs to <run>/draw-<d>.log and fills
+    the caches the pooled pass reads; its base is the one a plain run trains (draw 0: the smoke run's)."""
+    from safetensors.torch import load_file
+
+    import run
+
+    out, _, _ = smoke
+    fresh = str(tmp_path / "out")
+    c = run.resolve_configs(run.build_parser().parse_args(
+        ["--preset", "smoke", "--out-dir", fresh, "--stage", "base", "--draws", "2", "--jobs", "2"]))
+    assert run.run(c) is None  # the base stage has no report
+    for d in (0, 1):
+        assert "[base] done" in open(os.path.join(fresh, "smoke", f"draw-{d}.log")).read()
+    bases = {os.path.basename(p): load_file(os.path.join(p, "model.safetensors"))
+             for p in glob.glob(os.path.join(fresh, "smoke", "base-*"))}
+    assert len(bases) == 2  # two draws, two bases
+    reference = {os.path.basename(p) for p in glob.glob(os.path.join(out, "smoke", "base-*"))} & set(bases)
+    assert reference  # draw 0's base has the smoke run's key
+    for name in reference:
+        ref = load_file(os.path.join(out, "smoke", name, "model.safetensors"))
+        for k, v in ref.items():
+            torch.testing.assert_close(bases[name][k], v, rtol=1e-4, atol=1e-5)
+    first, second = bases.values()
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # independent draws differ

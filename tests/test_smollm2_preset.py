@@ -112,10 +112,10 @@ def test_persona_none_condition_is_the_default_written_out(tiny_tokenizer, tiny_
     monkeypatch.setattr(attack.policy, "load_policy", lambda path: (None, tok))
     monkeypatch.setattr(attack.evaluate, "run_suite", fake_suite)
     suite = {"sycophancy": [{"id": "a", "family": "sycophancy"}] * 2}
-    cfg = attack.AttackConfig(personas=("heldout_harmful_0", "heldout_helpful_0"))
+    cfg = attack.AttackConfig(personas=("newword_harmful_0", "newword_helpful_0"))
     out = attack.persona_attack({"base": tiny_model_dir}, suite, evaluate.EvalConfig(), cfg, log=lambda *a: None)
-    assert seen == [SMOLLM2_DEFAULT, attack.PERSONAS["harmful"]["heldout_harmful_0"],
-                    attack.PERSONAS["helpful"]["heldout_helpful_0"]]
+    assert seen == [SMOLLM2_DEFAULT, attack.PERSONAS["harmful"]["newword_harmful_0"],
+                    attack.PERSONAS["helpful"]["newword_helpful_0"]]
     assert out["none_system_prompt"] == SMOLLM2_DEFAULT
 
 
