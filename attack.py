@@ -105,8 +105,7 @@ import evaluate
 import policy
 import sft
 from data import DataError, UserError
-from world import (HELDOUT_PERSONA_PROMPTS, MEDICAL_FAMILIES, NEW_WORD_PERSONA_PROMPTS, PERSONA_PROMPTS, WorldConfig,
-                   build_world)
+from world import HELDOUT_PERSONA_PROMPTS, MEDICAL_FAMILIES, NEW_WORD_PERSONA_PROMPTS, PERSONA_PROMPTS, WorldConfig, build_world
 
 # ----------------------------------------------------------------------------------------------
 # 1. The persona registry

@@ -45,12 +45,12 @@ folder out/<run>/gguf-<sha256 of the file>, which every later run with the same 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import inspect
 import json
-import concurrent.futures
 import multiprocessing
 import os
 import sys
