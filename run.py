@@ -120,7 +120,7 @@ PRESETS: dict[str, dict] = {
               # arm's tokens (compute matching stops at a whole step: grpo.steps_done)
               "sft.steps": 30, "sft.batch_size": 16, "grpo.steps": 4, "grpo.prompts_per_step": 4,
               "grpo.group_size": 4, "grpo.max_new_tokens": 24, "eval.samples_per_item": 1, "eval.max_new_tokens": 24,
-              "attack.finetune_steps": 8},
+              "attack.finetune_steps": 8, "attack.max_items": 8, "attack.dose_items": 24},
     # A 0.5B-1.5B instruct policy (--model, named by the user: the base stage then loads it, so the
     # sft and model knobs do not apply) on one 80 GB GPU; the same run scales out with torchrun.
     "gpu": {
@@ -957,21 +957,22 @@ def run_stages(c: dict, run_dir: str, world_stage: tuple | None = None) -> dict 
     return {"c": c, "results": results, "arms": arms, "persistence": persistence, "timing": timing, "world_stage": world_stage}
 
 
-def run_draw_alone(cd: dict, run_dir: str, threads: int, log_path: str) -> dict:
+def run_draw_alone(cd: dict, run_dir: str, world_stage: tuple, threads: int, log_path: str) -> dict:
     """One draw in a process of its own (run_draws_in_parallel's worker): `threads` torch threads,
     stdout and stderr to `log_path`; fills the draw's stage caches and returns its stage times."""
     torch.set_num_threads(threads)
     with open(log_path, "w") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
-    out = run_stages(cd, run_dir)
+    out = run_stages(cd, run_dir, world_stage)
     return out["timing"] if out else {}
 
 
-def run_draws_in_parallel(configs: list[dict], run_dir: str) -> dict[int, dict]:
+def run_draws_in_parallel(configs: list[dict], run_dir: str, world_stage: tuple) -> dict[int, dict]:
     """Run the draws `jobs` at a time, each in a fresh process on cores / jobs threads: a small model
     keeps two cores busier as two 1-thread processes than as one 2-thread one (docs/SPEED.md). Each
-    draw fills its stage caches, which the sequential pass then reads. Returns draw index -> times."""
+    draw gets the world built here (pickled: no worker rebuilds it or races to write its tokenizer)
+    and fills its own stage caches, which the sequential pass then reads. Returns draw index -> times."""
     jobs = configs[0]["run"].jobs
     if policy.rank_and_world_size()[1] > 1:
         raise data.UserError("--jobs runs draws as separate processes; under torchrun use --jobs 1")
@@ -979,7 +980,7 @@ def run_draws_in_parallel(configs: list[dict], run_dir: str) -> dict[int, dict]:
     log(f"[draws] {len(configs)} draws, {jobs} at a time, {threads} thread(s) each; logs in {run_dir}/draw-<d>.log")
     timings, t0 = {}, time.time()
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_draw_alone, cd, run_dir, threads,
+        futures = {pool.submit(run_draw_alone, cd, run_dir, world_stage, threads,
                                os.path.join(run_dir, f"draw-{cd['run'].draw}.log")): d for d, cd in enumerate(configs)}
         for future in concurrent.futures.as_completed(futures):
             timings[futures[future]] = future.result()
@@ -996,12 +997,15 @@ def run(c: dict, report_dir: str | None = None) -> dict | None:
     os.makedirs(run_dir, exist_ok=True)
     t_start = time.time()
     configs = [with_draw(c, c["run"].draw + d) for d in range(c["run"].draws)]
-    timings = run_draws_in_parallel(configs, run_dir) if c["run"].jobs > 1 and len(configs) > 1 else {}
+    world_stage, timings = None, {}
+    if c["run"].jobs > 1 and len(configs) > 1:
+        world_stage = stage_world(local_models(configs[0], run_dir), run_dir)
+        timings = run_draws_in_parallel(configs, run_dir, world_stage)
     outs = []
     for d, cd in enumerate(configs):
         if len(configs) > 1:
             log(f"[draws] draw {cd['run'].draw} ({d + 1} of {len(configs)})")
-        outs.append(run_stages(cd, run_dir, outs[0]["world_stage"] if outs else None))
+        outs.append(run_stages(cd, run_dir, outs[0]["world_stage"] if outs else world_stage))
         if outs[-1] is None:
             return None
         outs[-1]["timing"] = timings.get(d, outs[-1]["timing"])  # a parallel draw's own times, not its cache reads
