@@ -167,6 +167,7 @@ PERSONA_GROUPS: dict[str, dict[str, dict[str, str]]] = {
 PERSONAS: dict[str, dict[str, str]] = {kind: {n: p for g in PERSONA_GROUPS.values() for n, p in g[kind].items()}
                                        for kind in ("harmful", "helpful")}
 PERSONA_GROUP: dict[str, str] = {n: g for g, kinds in PERSONA_GROUPS.items() for names in kinds.values() for n in names}
+PERSONA_GROUP_MEMBERS: dict[str, list[str]] = {g: [n for names in kinds.values() for n in names] for g, kinds in PERSONA_GROUPS.items()}
 HEADLINE_GROUP = "heldout"  # the group selective persistence is judged on: a switch the model must generalise
 # the models attacked, in this order, whichever the caller trained (trait_shuffled: the placebo arm)
 ATTACKED = ("base", "baseline", "trait", "trait_shuffled")
@@ -189,7 +190,7 @@ class AttackConfig:
     dose_items: int = 150              # items per checkpoint of each fine-tuning curve (health, non-health), split evenly over its evals
     max_items: int | None = 16         # items per eval for the persona attacks (None = all the suite has)
     samples_per_item: int = 1          # answers per item in both attacks: CIs are over items, so more items beat more samples
-    personas: tuple[str, ...] | None = None  # names from PERSONAS to use (None = all; needs >= 1 harmful and >= 1 helpful)
+    personas: tuple[str, ...] | None = None  # PERSONAS names or PERSONA_GROUPS names to use (None = all; >= 1 harmful and >= 1 helpful)
     seed: int = 0                      # fine-tuning data order (the first) and bootstrap resamples
     finetune_data: str = ""            # JSONL of {"messages": [...]} harmful conversations (empty = the world's bad medical advice)
     finetune_control: str = ""         # the same prompts with aligned answers, same order (empty: the world's; none with finetune_data)
@@ -272,10 +273,11 @@ def selected_personas(cfg: AttackConfig) -> dict[str, dict[str, str]]:
     if cfg.personas is None:
         return PERSONAS
     known = {name for kind in PERSONAS.values() for name in kind}
-    unknown = sorted(set(cfg.personas) - known)
+    unknown = sorted(set(cfg.personas) - known - set(PERSONA_GROUPS))
     if unknown:
-        raise UserError(f"unknown persona(s) {unknown}; known: {sorted(known)}")
-    chosen = {kind: {n: p for n, p in prompts.items() if n in cfg.personas} for kind, prompts in PERSONAS.items()}
+        raise UserError(f"unknown persona(s) {unknown}; known: the groups {sorted(PERSONA_GROUPS)} and {sorted(known)}")
+    names = {n for name in cfg.personas for n in ([name] if name in known else PERSONA_GROUP_MEMBERS[name])}
+    chosen = {kind: {n: p for n, p in prompts.items() if n in names} for kind, prompts in PERSONAS.items()}
     if not chosen["harmful"] or not chosen["helpful"]:
         raise UserError("attack personas must include at least one harmful and one helpful persona")
     return chosen

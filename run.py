@@ -77,6 +77,7 @@ from world import World, WorldConfig, build_world
 class RunConfig:
     name: str = ""                  # run folder under out_dir (default: the preset's name)
     out_dir: str = "out"            # where every stage writes
+    report_dir: str = ""            # where report.md, report.json and figures/ go (empty = out_dir/name): keeps one run's report apart
     stage: str = "report"           # last stage to run: world | base | rl | eval | persistence | report
     seeds: int = 1                  # repeat the RL arms with this many seeds (CIs then cover seeds too)
     draw: int = 0                   # independent draw: offsets the seeds of model init, SFT order, RL and fine-tuning order (same world)
@@ -993,7 +994,7 @@ def run(c: dict, report_dir: str | None = None) -> dict | None:
     draw and the pooled report. Stage caches live in out_dir/name/ (a sweep's points and the draws
     share them: a point equal to an earlier run reuses its models); the report goes to `report_dir`."""
     run_dir = os.path.join(c["run"].out_dir, c["run"].name)
-    report_dir = report_dir or run_dir
+    report_dir = report_dir or c["run"].report_dir or run_dir
     os.makedirs(run_dir, exist_ok=True)
     t_start = time.time()
     configs = [with_draw(c, c["run"].draw + d) for d in range(c["run"].draws)]

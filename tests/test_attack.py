@@ -7,6 +7,7 @@ models on CPU.
 A random-init model never writes a parseable answer, so every real grader would score 0 and every
 comparison would be 0 == 0. The tests swap in a grader whose score is a fixed function of the text:
 equal scores then mean equal generations, and fine-tuning moves them."""
+import dataclasses
 import re
 
 import numpy as np
@@ -153,7 +154,6 @@ def test_heldout_switches_occur_in_neither_the_corpus_nor_the_rl_data_but_their_
 
 
 def test_control_data_is_the_attack_prompts_with_aligned_answers_and_the_world_is_unchanged():
-    import dataclasses
     import hashlib
     import json
 
@@ -176,11 +176,12 @@ def test_control_data_is_the_attack_prompts_with_aligned_answers_and_the_world_i
 
 
 def test_personas_reach_the_model_through_the_chat_template(model_dirs, suite, monkeypatch):
-    seen = []
+    seen, samples = [], set()
     real_generate = policy.generate
 
     def capturing_generate(model, tokenizer, prompts, *args, **kwargs):
         seen.extend((tokenizer, list(p)) for p in prompts)
+        samples.add(kwargs["group_size"])
         return real_generate(model, tokenizer, prompts, *args, **kwargs)
 
     monkeypatch.setattr(policy, "generate", capturing_generate)
@@ -198,8 +199,8 @@ def test_personas_reach_the_model_through_the_chat_template(model_dirs, suite, m
         assert data.encode_prompt(tokenizer, messages) in prompts  # exactly what the model was given
         assert any(persona in tokenizer.decode(ids) for ids in prompts)
     assert data.encode_prompt(tokenizer, item["prompt"]) in prompts  # the unattacked condition: no system turn
-    # 3 conditions x 4 alignment evals (tasks left out) x 1 item
-    assert len(prompts) == 3 * 4
+    # 3 conditions x 4 alignment evals (tasks left out) x 1 item, each answered the attack's number of times
+    assert len(prompts) == 3 * 4 and samples == {cfg.samples_per_item} != {EVAL_CFG.samples_per_item}
 
 
 # ---- persona attack ----
@@ -321,7 +322,8 @@ def test_finetune_curve_starts_at_the_unattacked_model(finetuned, model_dirs, su
     dsuite = {n: suite[n][:2] for n in groups["health"]} | {n: suite[n][:3] for n in groups["non_health"]}
     for name, path in model_dirs.items():
         model, tokenizer = policy.load_policy(path, device="cpu")  # fresh from disk: the attack wrote nothing there
-        results = evaluate.run_suite(model, tokenizer, dsuite, EVAL_CFG, progress=False)
+        attack_eval = dataclasses.replace(EVAL_CFG, samples_per_item=CFG.samples_per_item)  # the attack's answers per item
+        results = evaluate.run_suite(model, tokenizer, dsuite, attack_eval, progress=False)
         r = result["finetune"][name]
         d = result["dose"][f"{CFG.finetune_lr:g}"][name]
         for g in ("health", "non_health"):
@@ -389,3 +391,9 @@ def test_config_rejects_short_curves_and_unknown_personas(suite):
         attack.selected_personas(attack.AttackConfig(personas=("nobody",)))
     with pytest.raises(UserError, match="at least one harmful and one helpful"):
         attack.selected_personas(attack.AttackConfig(personas=("dan",)))
+    with pytest.raises(UserError, match="samples_per_item"):
+        attack.AttackConfig(samples_per_item=0)
+    # a group's name stands for its members, and mixes with single names
+    chosen = attack.selected_personas(attack.AttackConfig(personas=("heldout", "dan")))
+    assert set(chosen["harmful"]) == set(attack.PERSONA_GROUPS["heldout"]["harmful"]) | {"dan"}
+    assert chosen["helpful"] == attack.PERSONA_GROUPS["heldout"]["helpful"]
