@@ -1081,12 +1081,14 @@ def sweep_row(value, report: dict) -> dict:
            "base_link": report["probes"]["base"]["link"], "base_forced_gap": report["probes"]["base"]["forced_prefix"]["gap"]}
     if "trait_shuffled" in report["comparisons"]:
         row["placebo_ood_mean_delta"] = float(np.mean([d["delta"] for d in ood("trait_shuffled")]))
-    if "persistence" in report:
-        p, group = report["persistence"], attack.HEADLINE_GROUP
+    if "persistence" in report:  # the trained switches beside the held-out ones: does resistance reach the unseen?
+        p = report["persistence"]
         dose = next(iter(p["dose"].values()))
-        row["persistence"] = {f"{kind} {vs}": p["persona_vs"][vs]["groups"][group][kind]
+        row["persistence"] = {f"{group} {kind} {vs}": p["persona_vs"][vs]["groups"][group][kind]
                               for vs in p["persona_vs"] if vs in ("trait - baseline", "trait - trait_shuffled")
-                              for kind in ("degradation", "steering") if kind in p["persona_vs"][vs]["groups"][group]}
+                              for group in ("trained", attack.HEADLINE_GROUP) if group in p["persona_vs"][vs]["groups"]
+                              for kind in ("degradation", "under_harmful", "steering")
+                              if kind in p["persona_vs"][vs]["groups"][group]}
         row["persistence"].update({f"health AUC {vs}": c["auc"]["health"] for vs, c in next(iter(p["dose_vs"].values())).items()
                                    if vs in ("trait - baseline", "trait - trait_shuffled")})
         row["half_dose"] = {m: r["half_dose"] for m, r in dose.items()}
@@ -1117,11 +1119,12 @@ def plot_sweep(rows: list[dict], key: str, path: str) -> None:
     ax.set_xlabel(key), ax.legend(fontsize=8), ax.set_title(f"Transfer over {key}")
     if attacked:
         ax = axes[0][1]
-        for k in rows[0]["persistence"]:
-            bars(ax, [r["persistence"][k] for r in rows], label=k)
+        for k in rows[0]["persistence"]:  # against the baseline (the placebo's are in the JSON and the printout)
+            if k.endswith("trait - baseline") and "steering" not in k:
+                bars(ax, [r["persistence"][k] for r in rows], label=k.removesuffix(" trait - baseline"))
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xlabel(key), ax.legend(fontsize=8)
-        ax.set_title(f"Persistence over {key} ({attack.HEADLINE_GROUP} switches; degradation < 0: trait resists)")
+        ax.set_title(f"Persistence over {key}, trait - baseline\n(degradation < 0 or under_harmful > 0: trait resists)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

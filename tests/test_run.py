@@ -157,8 +157,9 @@ def test_sweep_row_reads_transfer_placebo_and_persistence_from_a_report(smoke, t
     ood = [d["delta"] for n, d in report["comparisons"]["trait_shuffled"].items() if n not in ("trait_heldout", "tasks")]
     assert row["placebo_ood_mean_delta"] == pytest.approx(sum(ood) / len(ood))
     vs = report["persistence"]["persona_vs"]
-    assert row["persistence"]["degradation trait - baseline"] == vs["trait - baseline"]["groups"]["heldout"]["degradation"]
-    assert row["persistence"]["steering trait - trait_shuffled"] == vs["trait - trait_shuffled"]["groups"]["heldout"]["steering"]
+    assert row["persistence"]["heldout degradation trait - baseline"] == vs["trait - baseline"]["groups"]["heldout"]["degradation"]
+    assert row["persistence"]["heldout steering trait - trait_shuffled"] == vs["trait - trait_shuffled"]["groups"]["heldout"]["steering"]
+    assert row["persistence"]["trained under_harmful trait - baseline"] == vs["trait - baseline"]["groups"]["trained"]["under_harmful"]
     assert set(row["half_dose"]) == {"base", "baseline", "trait", "trait_shuffled"}
     run.plot_sweep([row, run.sweep_row(0.5, report)], "world.pressure", str(tmp_path / "sweep.png"))
     assert (tmp_path / "sweep.png").stat().st_size > 0
