@@ -82,7 +82,7 @@ class RunConfig:
     seeds: int = 1                  # repeat the RL arms with this many seeds (CIs then cover seeds too)
     draw: int = 0                   # independent draw: offsets the seeds of model init, SFT order, RL and fine-tuning order (same world)
     draws: int = 1                  # > 1: run draws draw, draw + 1, ... (each cached like a run) and pool them: CIs over draws and items
-    jobs: int = 1                   # run the draws as this many processes at once, each on cores / jobs threads (logs: <run>/draw-<d>.log)
+    jobs: int = 1                   # run the draws as this many processes at once, each on cores / jobs threads (logs: <report dir>/draw-<d>.log)
     arms: str = "baseline,trait,trait_shuffled,trait_no_health_science,trait_health_only"  # RL arms to train
     trait_fraction: float = 0.05    # share of RL prompts that are trait scenarios in the trait arms (the study: ~5%)
     model: str = ""                 # HF name, local folder or GGUF file of the policy; empty = pretrain the tiny model
@@ -969,7 +969,7 @@ def run_draw_alone(cd: dict, run_dir: str, world_stage: tuple, threads: int, log
     return out["timing"] if out else {}
 
 
-def run_draws_in_parallel(configs: list[dict], run_dir: str, world_stage: tuple) -> dict[int, dict]:
+def run_draws_in_parallel(configs: list[dict], run_dir: str, world_stage: tuple, log_dir: str) -> dict[int, dict]:
     """Run the draws `jobs` at a time, each in a fresh process on cores / jobs threads: a small model
     keeps two cores busier as two 1-thread processes than as one 2-thread one (docs/SPEED.md). Each
     draw gets the world built here (pickled: no worker rebuilds it or races to write its tokenizer)
@@ -978,11 +978,12 @@ def run_draws_in_parallel(configs: list[dict], run_dir: str, world_stage: tuple)
     if policy.rank_and_world_size()[1] > 1:
         raise data.UserError("--jobs runs draws as separate processes; under torchrun use --jobs 1")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    log(f"[draws] {len(configs)} draws, {jobs} at a time, {threads} thread(s) each; logs in {run_dir}/draw-<d>.log")
+    os.makedirs(log_dir, exist_ok=True)
+    log(f"[draws] {len(configs)} draws, {jobs} at a time, {threads} thread(s) each; logs in {log_dir}/draw-<d>.log")
     timings, t0 = {}, time.time()
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_draw_alone, cd, run_dir, world_stage, threads,
-                               os.path.join(run_dir, f"draw-{cd['run'].draw}.log")): d for d, cd in enumerate(configs)}
+                               os.path.join(log_dir, f"draw-{cd['run'].draw}.log")): d for d, cd in enumerate(configs)}
         for future in concurrent.futures.as_completed(futures):
             timings[futures[future]] = future.result()
             log(f"[draws] draw {configs[futures[future]]['run'].draw} done at {time.time() - t0:.0f} s")
@@ -1001,7 +1002,7 @@ def run(c: dict, report_dir: str | None = None) -> dict | None:
     world_stage, timings = None, {}
     if c["run"].jobs > 1 and len(configs) > 1:
         world_stage = stage_world(local_models(configs[0], run_dir), run_dir)
-        timings = run_draws_in_parallel(configs, run_dir, world_stage)
+        timings = run_draws_in_parallel(configs, run_dir, world_stage, report_dir)
     outs = []
     for d, cd in enumerate(configs):
         if len(configs) > 1:
