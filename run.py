@@ -82,7 +82,7 @@ class RunConfig:
     seeds: int = 1                  # repeat the RL arms with this many seeds (CIs then cover seeds too)
     draw: int = 0                   # independent draw: offsets the seeds of model init, SFT order, RL and fine-tuning order (same world)
     draws: int = 1                  # > 1: run draws draw, draw + 1, ... (each cached like a run) and pool them: CIs over draws and items
-    jobs: int = 1                   # run the draws as this many processes at once, cores / jobs threads each (logs: report dir/draw-<d>.log)
+    jobs: int = 1                   # run the draws as this many processes at once, cores / jobs threads each (logs: draw-<d>.log)
     arms: str = "baseline,trait,trait_shuffled,trait_no_health_science,trait_health_only"  # RL arms to train
     trait_fraction: float = 0.05    # share of RL prompts that are trait scenarios in the trait arms (the study: ~5%)
     model: str = ""                 # HF name, local folder or GGUF file of the policy; empty = pretrain the tiny model
