@@ -66,7 +66,7 @@ def test_report_has_every_section(smoke):
     assert set(persona) == attacked
     for p in persona.values():
         assert {"none", "harmful", "helpful", "groups"} <= set(p)
-        assert set(p["groups"]) == {"trained", "heldout", "unreadable"}
+        assert set(p["groups"]) == {"trained", "heldout", "new_words", "unreadable"}
         assert all({"harmful", "helpful"} <= set(g) for g in p["groups"].values())
     assert {"degradation_diff", "gain_diff"} <= set(persistence["selective_persistence"])
     assert persistence["selective_persistence"]["group"] == "heldout"
@@ -193,7 +193,7 @@ def test_report_files_and_figures(smoke):
 
 def test_rerun_reuses_every_trained_stage(smoke):
     out, report, _ = smoke
-    proc = run_py("--preset", "smoke", "--out-dir", out, "--eval-max-items", "8")
+    proc = run_py("--preset", "smoke", "--out-dir", out, "--eval-max-items", "8", "--stage", "eval")  # no attacks: not what is tested
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[base] cached" in proc.stdout and proc.stdout.count("cached:") >= 6  # base + 5 arms
     assert "pretraining" not in proc.stdout and "grpo " not in proc.stdout  # no base or RL training again
@@ -263,7 +263,7 @@ def test_changed_rubric_retrains_only_the_trait_arms(smoke, tmp_path):
     records[0] = dict(records[0], rubrics=[dict(records[0]["rubrics"][0], points=4)] + records[0]["rubrics"][1:])
     path = str(tmp_path / "traits.jsonl")
     data.save_jsonl(records, path)
-    proc = run_py("--preset", "smoke", "--out-dir", out, "--trait-data", path)
+    proc = run_py("--preset", "smoke", "--out-dir", out, "--trait-data", path, "--stage", "eval")  # retraining, not the attacks
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(out, "smoke", "report.json")) as f:
         after = json.load(f)
