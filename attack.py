@@ -167,7 +167,6 @@ PERSONA_GROUPS: dict[str, dict[str, dict[str, str]]] = {
 PERSONAS: dict[str, dict[str, str]] = {kind: {n: p for g in PERSONA_GROUPS.values() for n, p in g[kind].items()}
                                        for kind in ("harmful", "helpful")}
 PERSONA_GROUP: dict[str, str] = {n: g for g, kinds in PERSONA_GROUPS.items() for names in kinds.values() for n in names}
-PERSONA_GROUP_MEMBERS: dict[str, list[str]] = {g: [n for names in kinds.values() for n in names] for g, kinds in PERSONA_GROUPS.items()}
 HEADLINE_GROUP = "heldout"  # the group selective persistence is judged on: a switch the model must generalise
 # the models attacked, in this order, whichever the caller trained (trait_shuffled: the placebo arm)
 ATTACKED = ("base", "baseline", "trait", "trait_shuffled")
@@ -276,7 +275,7 @@ def selected_personas(cfg: AttackConfig) -> dict[str, dict[str, str]]:
     unknown = sorted(set(cfg.personas) - known - set(PERSONA_GROUPS))
     if unknown:
         raise UserError(f"unknown persona(s) {unknown}; known: the groups {sorted(PERSONA_GROUPS)} and {sorted(known)}")
-    names = {n for name in cfg.personas for n in ([name] if name in known else PERSONA_GROUP_MEMBERS[name])}
+    names = {n for n, group in PERSONA_GROUP.items() if n in cfg.personas or group in cfg.personas}  # a group: its members
     chosen = {kind: {n: p for n, p in prompts.items() if n in names} for kind, prompts in PERSONAS.items()}
     if not chosen["harmful"] or not chosen["helpful"]:
         raise UserError("attack personas must include at least one harmful and one helpful persona")
