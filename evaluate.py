@@ -359,9 +359,8 @@ def paired_delta(treatment: list[list[float]], control: list[list[float]], n_boo
 
 def bootstrap_weights(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
     """(n_boot, n) bootstrap counts: row b says how often resample b drew each of n units."""
-    w = np.zeros((n_boot, n))
-    np.add.at(w, (np.arange(n_boot)[:, None], rng.integers(0, n, size=(n_boot, n))), 1)
-    return w
+    drawn = rng.integers(0, n, size=(n_boot, n)) + n * np.arange(n_boot)[:, None]  # flat index row * n + unit
+    return np.bincount(drawn.ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(float)  # ~50x np.add.at
 
 
 def draws_difference(a, b=None, n_boot: int = N_BOOT, seed: int = 0) -> dict:
