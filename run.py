@@ -53,6 +53,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -786,7 +787,19 @@ def write_report(report: dict, run_dir: str) -> None:
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(run_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(strict_json(report), f, indent=1, allow_nan=False)
+
+
+def strict_json(value):
+    """`value` with every NaN or infinity (an empty eval's mean, a half-dose never reached) as None:
+    report.json stays JSON that any parser reads (Python alone accepts NaN)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def draws_section(report: dict) -> list[str]:

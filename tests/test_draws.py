@@ -72,3 +72,8 @@ def test_persona_report_pools_draws_as_means_with_per_draw_values():
     assert two["persona"]["trait"]["per_eval"]["health"]["harmful"] == pytest.approx(0.8 - 0.3)
     # what is left under the switch: trait 0.7 and 0.3 against the baseline's 0.4
     assert two["vs"]["trait - baseline"]["groups"]["heldout"]["under_harmful"]["per_draw"] == pytest.approx([0.3, -0.1])
+
+
+def test_strict_json_turns_nan_and_infinity_into_null_and_keeps_the_rest():
+    value = {"a": [1.0, float("nan"), (2, float("-inf"))], "b": {"c": np.float64("nan"), "d": "x", "e": 3}}
+    assert run.strict_json(value) == {"a": [1.0, None, [2, None]], "b": {"c": None, "d": "x", "e": 3}}

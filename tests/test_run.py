@@ -189,6 +189,8 @@ def test_report_files_and_figures(smoke):
     for fig in ("evals.png", "ablations.png", "training.png", "persona_attack.png", "finetune_attack.png"):
         assert os.path.getsize(os.path.join(run_dir, "figures", fig)) > 1000
     assert "| eval |" in proc.stdout  # the summary table is printed at the end
+    with open(os.path.join(run_dir, "report.json")) as f:  # strict JSON: a NaN would raise here
+        json.loads(f.read(), parse_constant=lambda name: pytest.fail(f"report.json holds {name}"))
 
 
 def test_rerun_reuses_every_trained_stage(smoke):
