@@ -1071,7 +1071,7 @@ def sweep(c: dict, spec: str) -> None:
     if is_main():
         path = os.path.join(c["run"].out_dir, c["run"].name, f"sweep-{name}.json")
         with open(path, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(strict_json(rows), f, indent=1, allow_nan=False)
         plot_sweep(rows, key, path.replace(".json", ".png"))
         for r in rows:
             line = (f"{key}={r['value']}: trait_heldout delta {fmt_ci(r['trait_heldout'], 'delta')} | "
@@ -1123,8 +1123,10 @@ def plot_sweep(rows: list[dict], key: str, path: str) -> None:
     ax = axes[0][0]
 
     def bars(ax, ds, **kw):
-        ax.errorbar(x, [d["delta"] for d in ds], capsize=3, marker="o", **kw,
-                    yerr=[[d["delta"] - d["ci"][0] for d in ds], [d["ci"][1] - d["delta"] for d in ds]])
+        num = lambda v: math.nan if v is None else v  # report.json writes an undefined value (NaN) as null
+        delta, lo, hi = ([num(d["delta"]) for d in ds], [num(d["ci"][0]) for d in ds], [num(d["ci"][1]) for d in ds])
+        ax.errorbar(x, delta, capsize=3, marker="o", **kw,
+                    yerr=[[m - a for m, a in zip(delta, lo)], [b - m for m, b in zip(delta, hi)]])
 
     bars(ax, [r["trait_heldout"] for r in rows], label="held-out trait: trait - baseline")
     ax.plot(x, [r["ood_mean_delta"] for r in rows], marker="s", label="mean OOD eval: trait - baseline")
