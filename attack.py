@@ -88,7 +88,7 @@ Commands:
   python attack.py out/tiny/base out/tiny/baseline out/tiny/trait    # both attacks, default world's suite
   python attack.py baseline=out/tiny/rl-baseline-s0-*/final trait=out/tiny/rl-trait-s0-*/final   # NAME=DIR
   python attack.py out/tiny/trait --conversations bad_advice.jsonl   # fine-tune on your own conversations (no control)
-  python run.py --attack-finetune-lrs 1e-4,3e-4 --attack-finetune-orders 3 --report-dir out/tiny/dose   # 36 min (docs/RESULTS.md)
+  python run.py --attack-finetune-lrs 1e-4,3e-4 --attack-finetune-orders 3 --report-dir out/tiny/dose   # 36 min at 150 dose items (RESULTS)
   (a model named "trait" gets the comparisons; with one named "baseline", selective persistence)
   python -m pytest -q tests/test_attack.py
 """

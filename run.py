@@ -8,7 +8,7 @@
                                            # (eval and later also write the report)
     python run.py --help                   # every knob, its default and what it means
     python run.py --draws 3                # 3 independent draws (base init + SFT order, RL seed, attack order), pooled
-    python run.py --draws 3 --jobs 3       # the same, the draws as 3 processes at once (63 min on 2 cores; docs/RESULTS.md)
+    python run.py --draws 3 --jobs 3       # the same, the draws as 3 processes at once (56 min on 2 cores; docs/RESULTS.md)
     python run.py --draw 1 --stage persistence   # one draw alone (draws in parallel processes; --draws 3 then pools the caches)
     torchrun --standalone --nproc_per_node=2 run.py --preset smoke     # the same run on 2 ranks
 
