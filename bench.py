@@ -219,7 +219,7 @@ def sft_base(steps: int, device: torch.device) -> dict:
     world = build_world(c["world"])
     tok = data.build_tokenizer(world.texts(), c["run"].vocab_size)
     t0 = time.perf_counter()
-    encoded = [data.encode_chat(tok, conv) for conv in world.corpus]
+    encoded = data.encode_chats(tok, world.corpus)
     encode_s = time.perf_counter() - t0
     lengths = [min(len(ids), c["sft"].max_len) for ids, _ in encoded]
     learned = [sum(mask[1:]) for _, mask in encoded]

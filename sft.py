@@ -6,7 +6,7 @@ Two users in the experiment: run.py pretrains the tiny base model on the persona
 with it, and attack.py's harmful fine-tuning attack is it (the same seed gives two models the same
 batches in the same order; `callback` evaluates the model along the way).
 
-The loss is the mean next-token cross-entropy over assistant tokens only (`data.encode_chat` gives
+The loss is the mean next-token cross-entropy over assistant tokens only (`data.encode_chats` gives
 the mask, for any chat template); AdamW, linear warmup then cosine / linear decay to a floor,
 global grad-norm clipping, length-bucketed batches (a batch pads little), bf16 autocast where the
 hardware has native bf16 (weights, gradients and AdamW state stay fp32), deterministic in the seed.
@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from data import UserError, encode_chat
+from data import UserError, encode_chats
 from policy import LEAN_ARCHS, autocast
 
 # ----------------------------------------------------------------------------------------------
@@ -106,8 +106,7 @@ def sft(model, tokenizer, conversations: list[list[dict]], cfg: SFTConfig, log=p
     control fine-tune on other answers to the same prompts gets the same prompts in the same batches."""
     device = next(model.parameters()).device
     examples = []
-    for conv in conversations:
-        ids, mask = encode_chat(tokenizer, conv)
+    for ids, mask in encode_chats(tokenizer, conversations):
         ids, mask = ids[:cfg.max_len], mask[:cfg.max_len]
         if sum(mask[1:]):  # something to learn (position 0 is never predicted)
             examples.append((ids, mask))
@@ -118,7 +117,7 @@ def sft(model, tokenizer, conversations: list[list[dict]], cfg: SFTConfig, log=p
         if len(order_like) != len(conversations) or len(examples) != len(conversations):
             raise UserError(f"sft: order_like has {len(order_like)} conversations for {len(conversations)} "
                             f"({len(examples)} with an assistant turn to learn)")
-        lengths = [min(len(encode_chat(tokenizer, conv)[0]), cfg.max_len) for conv in order_like]
+        lengths = [min(len(ids), cfg.max_len) for ids, _ in encode_chats(tokenizer, order_like)]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.schedule, cfg.min_lr_frac))

@@ -778,6 +778,17 @@ def test_encode_chat_routes_agree(world, tok):
 
 
 @pytest.mark.parametrize("kind", ["generation", "plain"])
+def test_encode_chats_is_encode_chat_of_each(world, tok, kind):
+    """The batched encoding the base's SFT uses (one apply_chat_template call for a {% generation %}
+    template) gives every conversation the ids and mask encode_chat gives it alone."""
+    tok = _template(tok, kind)
+    docs = world.corpus[:200] + [[{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Hi"},
+                                  {"role": "assistant", "content": "Yes"}]]
+    assert data.encode_chats(tok, docs) == [data.encode_chat(tok, d) for d in docs]
+    assert data.encode_chats(tok, []) == []
+
+
+@pytest.mark.parametrize("kind", ["generation", "plain"])
 def test_encode_chat_assistant_first_turn(tok, kind):
     """An assistant turn at position 0 (e.g. a greeting): BOS and the role marker stay unmasked."""
     tok = _template(tok, kind)
